@@ -1,0 +1,186 @@
+//! Raw command-line flags as clap sees them: names, env vars and help text.
+//!
+//! Nothing here is validated beyond what clap does by itself; `config` turns
+//! these into settings and applies every cross-flag rule.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Keep a service instance registered in etcd while it is healthy.
+#[derive(Debug, Parser)]
+#[command(name = "sidekick", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "SIDEKICK_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line, for journald and log shippers.
+    Json,
+}
+
+/// The subcommands. Parsed once at start, so the size of `run` does not matter.
+#[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)]
+pub enum Command {
+    /// Probe the instance and keep KEY=VALUE in etcd while it is healthy.
+    Run(RunArgs),
+    /// Probe the instance once; exit 0 when healthy, 1 when not.
+    Check(CheckArgs),
+    /// Print the etcd endpoints and the rule that chose them.
+    Discover(DiscoverArgs),
+}
+
+/// `sidekick run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The key to keep in etcd, e.g. /services/web/host1.
+    pub key: String,
+    /// Its value, e.g. 10.0.0.5:8080.
+    pub value: String,
+    /// Another KEY=VALUE to keep under the same lease (repeatable).
+    #[arg(long = "extra", value_name = "KEY=VALUE")]
+    pub extra: Vec<String>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub probe: ProbeArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub timing: TimingArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub etcd: EtcdArgs,
+}
+
+/// `sidekick check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub probe: ProbeArgs,
+}
+
+/// `sidekick discover`.
+#[derive(Debug, Args)]
+pub struct DiscoverArgs {
+    /// Also ask etcd whether it answers; exit 1 if it does not.
+    #[arg(long)]
+    pub check: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub etcd: EtcdArgs,
+}
+
+/// How the instance is probed.
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "Probe")]
+pub struct ProbeArgs {
+    /// Probe with an HTTP(S) request to URL.
+    #[arg(long, value_name = "URL", env = "SIDEKICK_HTTP", conflicts_with = "tcp")]
+    pub http: Option<String>,
+    /// Probe by opening a TCP connection to HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT", env = "SIDEKICK_TCP")]
+    pub tcp: Option<String>,
+    /// Healthy status codes: a comma list of codes and ranges [default: 200-399].
+    #[arg(long, value_name = "LIST", env = "SIDEKICK_EXPECT_STATUS")]
+    pub expect_status: Option<String>,
+    /// Text the response body must contain (first 64 KiB read).
+    #[arg(long, value_name = "TEXT", env = "SIDEKICK_EXPECT_BODY")]
+    pub expect_body: Option<String>,
+    /// Request header 'Name: value' (repeatable); Host: is honoured.
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    pub headers: Vec<String>,
+    /// HTTP method [default: GET].
+    #[arg(long, value_name = "M", env = "SIDEKICK_METHOD")]
+    pub method: Option<String>,
+    /// Skip TLS certificate verification for https:// probes.
+    #[arg(long, env = "SIDEKICK_INSECURE")]
+    pub insecure: bool,
+    /// Time limit of one probe; must be smaller than --interval [default: 2s].
+    #[arg(long, value_name = "D", env = "SIDEKICK_TIMEOUT")]
+    pub timeout: Option<String>,
+}
+
+/// When to probe, and how the lease is timed.
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "Timing")]
+pub struct TimingArgs {
+    /// Time between probe starts, jittered by up to 10 % [default: 5s].
+    #[arg(long, value_name = "D", env = "SIDEKICK_INTERVAL")]
+    pub interval: Option<String>,
+    /// Consecutive successes before the keys are put [default: 2].
+    #[arg(long, value_name = "N", env = "SIDEKICK_RISE")]
+    pub rise: Option<String>,
+    /// Consecutive failures before the keys are removed [default: 2].
+    #[arg(long, value_name = "N", env = "SIDEKICK_FALL")]
+    pub fall: Option<String>,
+    /// Lease TTL; at least 2s and more than --interval + --timeout [default: 15s].
+    #[arg(long, value_name = "D", env = "SIDEKICK_TTL")]
+    pub ttl: Option<String>,
+    /// Failures this long after start do not count [default: 0s].
+    #[arg(long, value_name = "D", env = "SIDEKICK_GRACE")]
+    pub grace: Option<String>,
+    /// On SIGTERM/SIGINT remove the keys, then wait this long [default: 0s].
+    #[arg(long, value_name = "D", env = "SIDEKICK_DRAIN")]
+    pub drain: Option<String>,
+}
+
+/// Where etcd is and how to talk to it.
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "etcd")]
+pub struct EtcdArgs {
+    /// etcd client URLs, comma-separated (else SIDEKICK_ENDPOINTS, ETCDCTL_ENDPOINTS, the env file, the default gateway, 127.0.0.1).
+    #[arg(long, value_name = "URL[,URL]")]
+    pub endpoints: Option<String>,
+    /// File read for ETCD_ENDPOINT/ETCD_ENDPOINTS/ETCDCTL_ENDPOINTS [default: /etc/etcd.environment].
+    #[arg(long, value_name = "PATH", env = "SIDEKICK_ENV_FILE")]
+    pub env_file: Option<String>,
+    /// etcd user, NAME or NAME:PASS.
+    #[arg(long, value_name = "NAME[:PASS]", env = "ETCDCTL_USER", hide_env_values = true)]
+    pub user: Option<String>,
+    /// etcd password; prefer SIDEKICK_PASSWORD, which stays out of the process list.
+    #[arg(long, value_name = "PASS")]
+    pub password: Option<String>,
+    /// CA bundle that verifies etcd's certificate.
+    #[arg(long, value_name = "PATH", env = "ETCDCTL_CACERT")]
+    pub cacert: Option<String>,
+    /// Client certificate for etcd.
+    #[arg(long, value_name = "PATH", env = "ETCDCTL_CERT")]
+    pub cert: Option<String>,
+    /// Private key of the client certificate.
+    #[arg(long = "key", id = "tls_key", value_name = "PATH", env = "ETCDCTL_KEY")]
+    pub tls_key: Option<String>,
+    /// Time limit for connecting to etcd and for each request [default: 5s].
+    #[arg(long, value_name = "D", env = "SIDEKICK_DIAL_TIMEOUT")]
+    pub dial_timeout: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn log_format_goes_before_or_after_the_subcommand() {
+        for argv in [
+            &["sidekick", "--log-format", "json", "check", "--tcp", "h:1"][..],
+            &["sidekick", "check", "--tcp", "h:1", "--log-format", "json"][..],
+        ] {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            assert_eq!(cli.log_format, LogFormat::Json);
+        }
+    }
+}

@@ -1,0 +1,748 @@
+//! Validated settings built from the raw flags, and every cross-flag rule.
+//!
+//! Each rule lives here once and fails with one line that names the flags and
+//! the rule. Nothing in this module talks to etcd, so a bad combination is
+//! refused before anything is written.
+
+use std::time::Duration;
+
+use crate::cli::{EtcdArgs, ProbeArgs, RunArgs, TimingArgs};
+use crate::discover::{self, Discovery, Environment};
+
+/// A flag value or combination that is not allowed: exit 2.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+fn usage(msg: impl Into<String>) -> UsageError {
+    UsageError(msg.into())
+}
+
+/// Everything `sidekick run` needs.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// The keys to keep, `KEY` first, then every `--extra`.
+    pub keys: Vec<(String, String)>,
+    /// How the instance is probed; `None` announces unconditionally.
+    pub probe: Option<ProbeSpec>,
+    /// Probe and lease timing.
+    pub timing: Timing,
+    /// Where etcd is and how to reach it.
+    pub etcd: EtcdSettings,
+}
+
+/// Probe and lease timing of `run`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timing {
+    /// Time between probe starts, before jitter.
+    pub interval: Duration,
+    /// Consecutive successes before the keys are put.
+    pub rise: u32,
+    /// Consecutive failures before the keys are removed.
+    pub fall: u32,
+    /// Lease TTL.
+    pub ttl: Duration,
+    /// Failures during this long after start do not count.
+    pub grace: Duration,
+    /// Wait after withdrawing on SIGTERM/SIGINT.
+    pub drain: Duration,
+}
+
+/// One kind of probe with its options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeSpec {
+    /// What is probed.
+    pub target: ProbeTarget,
+    /// Time limit of one probe.
+    pub timeout: Duration,
+}
+
+/// The probed thing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeTarget {
+    /// An HTTP(S) request.
+    Http(HttpSpec),
+    /// A TCP connect to `host:port`.
+    Tcp {
+        /// Host name or address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+/// Options of an HTTP probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpSpec {
+    /// The URL requested.
+    pub url: reqwest::Url,
+    /// HTTP method.
+    pub method: reqwest::Method,
+    /// Healthy status codes.
+    pub expect_status: StatusSet,
+    /// Substring the body must contain.
+    pub expect_body: Option<String>,
+    /// Extra request headers, `Host` included.
+    pub headers: Vec<(String, String)>,
+    /// Skip TLS verification.
+    pub insecure: bool,
+}
+
+/// A set of HTTP status codes, as inclusive ranges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusSet(Vec<(u16, u16)>);
+
+impl StatusSet {
+    /// Whether `code` is in the set.
+    pub fn contains(&self, code: u16) -> bool {
+        self.0.iter().any(|&(lo, hi)| lo <= code && code <= hi)
+    }
+}
+
+impl Default for StatusSet {
+    fn default() -> Self {
+        StatusSet(vec![(200, 399)])
+    }
+}
+
+impl std::str::FromStr for StatusSet {
+    type Err = String;
+
+    /// Parses `200,204,300-399`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut ranges = Vec::new();
+        for part in s.split(',').map(str::trim) {
+            let (lo, hi) = match part.split_once('-') {
+                Some((lo, hi)) => (lo.trim(), hi.trim()),
+                None => (part, part),
+            };
+            let code = |t: &str| -> Result<u16, String> {
+                match t.parse::<u16>() {
+                    Ok(c) if (100..=599).contains(&c) => Ok(c),
+                    _ => Err(format!("'{t}' is not an HTTP status code (100-599)")),
+                }
+            };
+            let (lo, hi) = (code(lo)?, code(hi)?);
+            if lo > hi {
+                return Err(format!("range '{part}' runs backwards"));
+            }
+            ranges.push((lo, hi));
+        }
+        Ok(StatusSet(ranges))
+    }
+}
+
+/// How to reach etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdSettings {
+    /// Where etcd is, and which rule said so.
+    pub discovery: Discovery,
+    /// User name and password.
+    pub auth: Option<(String, String)>,
+    /// TLS files.
+    pub tls: Option<TlsFiles>,
+    /// Connect and request time limit.
+    pub dial_timeout: Duration,
+}
+
+/// TLS material for the etcd connection, as file paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// CA bundle verifying the server.
+    pub cacert: Option<String>,
+    /// Client certificate and key.
+    pub identity: Option<(String, String)>,
+}
+
+/// Parses a humantime duration for `flag`, or its default.
+fn duration(flag: &str, raw: &Option<String>, default: Duration) -> Result<Duration, UsageError> {
+    match raw {
+        None => Ok(default),
+        Some(s) => humantime::parse_duration(s.trim()).map_err(|e| {
+            usage(format!(
+                "{flag}: '{s}' is not a duration ({e}); use e.g. 500ms, 5s, 1m30s"
+            ))
+        }),
+    }
+}
+
+fn count(flag: &str, raw: &Option<String>, default: u32) -> Result<u32, UsageError> {
+    match raw {
+        None => Ok(default),
+        Some(s) => match s.trim().parse::<u32>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(usage(format!("{flag}: '{s}' must be a whole number of at least 1"))),
+        },
+    }
+}
+
+/// Parses `KEY=VALUE` of `--extra`.
+pub fn parse_extra(raw: &str) -> Result<(String, String), UsageError> {
+    match raw.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(usage(format!(
+            "--extra: '{raw}' must be KEY=VALUE with a non-empty KEY"
+        ))),
+    }
+}
+
+/// Parses `Name: value` of `--header`.
+pub fn parse_header(raw: &str) -> Result<(String, String), UsageError> {
+    let bad = || usage(format!("--header: '{raw}' must be 'Name: value'"));
+    let (name, value) = raw.split_once(':').ok_or_else(bad)?;
+    let name = name.trim();
+    if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+        return Err(bad());
+    }
+    let value = value.trim();
+    if reqwest::header::HeaderValue::from_str(value).is_err() {
+        return Err(usage(format!(
+            "--header: the value of '{name}' has characters a header cannot carry"
+        )));
+    }
+    Ok((name.to_string(), value.to_string()))
+}
+
+/// Parses `HOST:PORT` (or `[v6]:PORT`) of `--tcp`.
+pub fn parse_host_port(flag: &str, raw: &str) -> Result<(String, u16), UsageError> {
+    let bad = || usage(format!("{flag}: '{raw}' must be HOST:PORT with a port from 1 to 65535"));
+    let (host, port) = raw.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if port == 0 || host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
+}
+
+fn parse_http_url(raw: &str) -> Result<reqwest::Url, UsageError> {
+    let url = reqwest::Url::parse(raw).map_err(|e| usage(format!("--http: '{raw}' is not a URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+        return Err(usage(format!(
+            "--http: '{raw}' must be an http:// or https:// URL with a host"
+        )));
+    }
+    Ok(url)
+}
+
+impl ProbeArgs {
+    /// Whether any probe option is set.
+    fn any_option(&self) -> Option<&'static str> {
+        if self.expect_status.is_some() {
+            Some("--expect-status")
+        } else if self.expect_body.is_some() {
+            Some("--expect-body")
+        } else if !self.headers.is_empty() {
+            Some("--header")
+        } else if self.method.is_some() {
+            Some("--method")
+        } else if self.insecure {
+            Some("--insecure")
+        } else {
+            None
+        }
+    }
+}
+
+/// Builds the probe, or `None` when no `--http`/`--tcp` was given.
+pub fn probe_spec(args: &ProbeArgs) -> Result<Option<ProbeSpec>, UsageError> {
+    let timeout = duration("--timeout", &args.timeout, Duration::from_secs(2))?;
+    if timeout.is_zero() {
+        return Err(usage("--timeout must be more than 0s"));
+    }
+    let target = match (&args.http, &args.tcp) {
+        (Some(_), Some(_)) => return Err(usage("--http and --tcp cannot be used together")),
+        (Some(url), None) => {
+            let expect_status = match &args.expect_status {
+                None => StatusSet::default(),
+                Some(s) => s.parse().map_err(|e| usage(format!("--expect-status: {e}")))?,
+            };
+            let method = match &args.method {
+                None => reqwest::Method::GET,
+                Some(m) => reqwest::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                    .map_err(|_| usage(format!("--method: '{m}' is not an HTTP method")))?,
+            };
+            let headers = args.headers.iter().map(|h| parse_header(h)).collect::<Result<_, _>>()?;
+            ProbeTarget::Http(HttpSpec {
+                url: parse_http_url(url)?,
+                method,
+                expect_status,
+                expect_body: args.expect_body.clone(),
+                headers,
+                insecure: args.insecure,
+            })
+        }
+        (None, Some(addr)) => {
+            if let Some(flag) = args.any_option() {
+                return Err(usage(format!("{flag} applies to --http probes only, not --tcp")));
+            }
+            let (host, port) = parse_host_port("--tcp", addr)?;
+            ProbeTarget::Tcp { host, port }
+        }
+        (None, None) => {
+            if let Some(flag) = args.any_option().or(args.timeout.as_ref().map(|_| "--timeout")) {
+                return Err(usage(format!(
+                    "{flag} needs a probe: add --http URL or --tcp HOST:PORT"
+                )));
+            }
+            return Ok(None);
+        }
+    };
+    Ok(Some(ProbeSpec { target, timeout }))
+}
+
+/// Builds the timing and checks it against the probe.
+pub fn timing(args: &TimingArgs, probe: Option<&ProbeSpec>) -> Result<Timing, UsageError> {
+    let t = Timing {
+        interval: duration("--interval", &args.interval, Duration::from_secs(5))?,
+        rise: count("--rise", &args.rise, 2)?,
+        fall: count("--fall", &args.fall, 2)?,
+        ttl: duration("--ttl", &args.ttl, Duration::from_secs(15))?,
+        grace: duration("--grace", &args.grace, Duration::ZERO)?,
+        drain: duration("--drain", &args.drain, Duration::ZERO)?,
+    };
+    let show = |d: Duration| humantime::format_duration(d).to_string();
+    if t.interval.is_zero() {
+        return Err(usage("--interval must be more than 0s"));
+    }
+    // Whole seconds only: etcd leases are granted in seconds, and rounding
+    // silently would shorten or lengthen what the operator asked for.
+    if t.ttl.subsec_nanos() != 0 {
+        return Err(usage(format!(
+            "--ttl {} must be a whole number of seconds (etcd leases count seconds)",
+            show(t.ttl)
+        )));
+    }
+    if t.ttl < Duration::from_secs(2) {
+        return Err(usage(format!("--ttl {} must be at least 2s", show(t.ttl))));
+    }
+    if let Some(p) = probe {
+        if p.timeout >= t.interval {
+            return Err(usage(format!(
+                "--timeout {} must be smaller than --interval {}",
+                show(p.timeout),
+                show(t.interval)
+            )));
+        }
+        if t.ttl <= t.interval + p.timeout {
+            return Err(usage(format!(
+                "--ttl {} must be greater than --interval + --timeout ({} + {} = {})",
+                show(t.ttl),
+                show(t.interval),
+                show(p.timeout),
+                show(t.interval + p.timeout)
+            )));
+        }
+    } else {
+        for (flag, set) in [
+            ("--interval", args.interval.is_some()),
+            ("--rise", args.rise.is_some()),
+            ("--fall", args.fall.is_some()),
+            ("--grace", args.grace.is_some()),
+        ] {
+            if set {
+                return Err(usage(format!(
+                    "{flag} needs a probe: add --http URL or --tcp HOST:PORT"
+                )));
+            }
+        }
+    }
+    Ok(t)
+}
+
+/// Builds the etcd settings, discovering the endpoints.
+pub fn etcd_settings(args: &EtcdArgs, env: &dyn Environment) -> Result<EtcdSettings, UsageError> {
+    let dial_timeout = duration("--dial-timeout", &args.dial_timeout, Duration::from_secs(5))?;
+    if dial_timeout.is_zero() {
+        return Err(usage("--dial-timeout must be more than 0s"));
+    }
+    let discovery = discover::discover(args.endpoints.as_deref(), args.env_file.as_deref(), env)?;
+    let password = args
+        .password
+        .clone()
+        .or_else(|| env.var("SIDEKICK_PASSWORD"))
+        .or_else(|| env.var("ETCDCTL_PASSWORD"));
+    let auth = match (&args.user, password) {
+        (None, None) => None,
+        (None, Some(_)) => return Err(usage("--password needs --user")),
+        (Some(u), pass) => {
+            let (name, inline) = match u.split_once(':') {
+                Some((n, p)) => (n, Some(p.to_string())),
+                None => (u.as_str(), None),
+            };
+            if name.is_empty() {
+                return Err(usage("--user must name a user: NAME or NAME:PASS"));
+            }
+            match (inline, pass) {
+                (Some(_), Some(_)) if args.password.is_some() => {
+                    return Err(usage("--user NAME:PASS and --password cannot be used together"))
+                }
+                (Some(p), _) | (None, Some(p)) => Some((name.to_string(), p)),
+                (None, None) => {
+                    return Err(usage(
+                        "--user needs a password: NAME:PASS, --password or SIDEKICK_PASSWORD",
+                    ))
+                }
+            }
+        }
+    };
+    let identity = match (&args.cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+        (None, None) => None,
+        (Some(_), None) => return Err(usage("--cert needs --key")),
+        (None, Some(_)) => return Err(usage("--key needs --cert")),
+    };
+    let tls = (args.cacert.is_some() || identity.is_some()).then(|| TlsFiles {
+        cacert: args.cacert.clone(),
+        identity,
+    });
+    if tls.is_some() {
+        if let Some(ep) = discovery.endpoints.iter().find(|e| e.starts_with("http://")) {
+            return Err(usage(format!(
+                "--cacert/--cert/--key need https:// endpoints, but {ep} is http:// ({})",
+                discovery.rule
+            )));
+        }
+    }
+    Ok(EtcdSettings {
+        discovery,
+        auth,
+        tls,
+        dial_timeout,
+    })
+}
+
+/// Builds the whole `run` configuration.
+pub fn run_config(args: &RunArgs, env: &dyn Environment) -> Result<RunConfig, UsageError> {
+    if args.key.is_empty() {
+        return Err(usage("KEY must not be empty"));
+    }
+    let mut keys = vec![(args.key.clone(), args.value.clone())];
+    for raw in &args.extra {
+        let (k, v) = parse_extra(raw)?;
+        if keys.iter().any(|(existing, _)| *existing == k) {
+            return Err(usage(format!("--extra: key '{k}' is given twice")));
+        }
+        keys.push((k, v));
+    }
+    let probe = probe_spec(&args.probe)?;
+    let timing = timing(&args.timing, probe.as_ref())?;
+    let etcd = etcd_settings(&args.etcd, env)?;
+    Ok(RunConfig {
+        keys,
+        probe,
+        timing,
+        etcd,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discover::MapEnv;
+
+    fn s(v: &str) -> Option<String> {
+        Some(v.to_string())
+    }
+
+    fn run_args(f: impl FnOnce(&mut RunArgs)) -> RunArgs {
+        let mut a = RunArgs {
+            key: "/services/web/1".into(),
+            value: "10.0.0.5:8080".into(),
+            extra: vec![],
+            probe: ProbeArgs::default(),
+            timing: TimingArgs::default(),
+            etcd: EtcdArgs {
+                endpoints: s("http://127.0.0.1:2379"),
+                ..EtcdArgs::default()
+            },
+        };
+        f(&mut a);
+        a
+    }
+
+    fn err(a: RunArgs) -> String {
+        run_config(&a, &MapEnv::default()).unwrap_err().0
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = run_config(
+            &run_args(|a| a.probe.http = s("http://127.0.0.1:8080/health")),
+            &MapEnv::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.timing,
+            Timing {
+                interval: Duration::from_secs(5),
+                rise: 2,
+                fall: 2,
+                ttl: Duration::from_secs(15),
+                grace: Duration::ZERO,
+                drain: Duration::ZERO,
+            }
+        );
+        let p = c.probe.unwrap();
+        assert_eq!(p.timeout, Duration::from_secs(2));
+        let ProbeTarget::Http(h) = p.target else {
+            panic!("not http")
+        };
+        assert_eq!(h.method, reqwest::Method::GET);
+        assert!(h.expect_status.contains(200) && h.expect_status.contains(399));
+        assert!(!h.expect_status.contains(400) && !h.expect_status.contains(199));
+        assert_eq!(c.etcd.dial_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn each_bad_flag_names_the_flag_and_the_rule() {
+        let http = |a: &mut RunArgs| a.probe.http = s("http://127.0.0.1:1/");
+        type Case = (&'static str, Box<dyn Fn(&mut RunArgs)>);
+        let cases: Vec<Case> = vec![
+            (
+                "--timeout 5s must be smaller than --interval 5s",
+                Box::new(move |a| {
+                    http(a);
+                    a.probe.timeout = s("5s")
+                }),
+            ),
+            (
+                "--ttl 7s must be greater than --interval + --timeout (5s + 2s = 7s)",
+                Box::new(move |a| {
+                    http(a);
+                    a.timing.ttl = s("7s")
+                }),
+            ),
+            ("--ttl 1s must be at least 2s", Box::new(|a| a.timing.ttl = s("1s"))),
+            (
+                "--ttl 2s 500ms must be a whole number of seconds",
+                Box::new(|a| a.timing.ttl = s("2500ms")),
+            ),
+            (
+                "--interval: 'soon' is not a duration",
+                Box::new(move |a| {
+                    http(a);
+                    a.timing.interval = s("soon")
+                }),
+            ),
+            (
+                "--interval must be more than 0s",
+                Box::new(move |a| {
+                    http(a);
+                    a.timing.interval = s("0s")
+                }),
+            ),
+            (
+                "--timeout must be more than 0s",
+                Box::new(move |a| {
+                    http(a);
+                    a.probe.timeout = s("0ms")
+                }),
+            ),
+            (
+                "--rise: '0' must be a whole number of at least 1",
+                Box::new(move |a| {
+                    http(a);
+                    a.timing.rise = s("0")
+                }),
+            ),
+            (
+                "--fall: '-1' must be a whole number of at least 1",
+                Box::new(move |a| {
+                    http(a);
+                    a.timing.fall = s("-1")
+                }),
+            ),
+            (
+                "--grace: 'x' is not a duration",
+                Box::new(move |a| {
+                    http(a);
+                    a.timing.grace = s("x")
+                }),
+            ),
+            ("--drain: '5' is not a duration", Box::new(|a| a.timing.drain = s("5"))),
+            ("--rise needs a probe", Box::new(|a| a.timing.rise = s("3"))),
+            ("--interval needs a probe", Box::new(|a| a.timing.interval = s("1s"))),
+            ("--timeout needs a probe", Box::new(|a| a.probe.timeout = s("1s"))),
+            (
+                "--expect-status needs a probe",
+                Box::new(|a| a.probe.expect_status = s("200")),
+            ),
+            (
+                "--expect-body applies to --http probes only",
+                Box::new(|a| {
+                    a.probe.tcp = s("127.0.0.1:80");
+                    a.probe.expect_body = s("ok")
+                }),
+            ),
+            (
+                "--http and --tcp cannot be used together",
+                Box::new(|a| {
+                    a.probe.tcp = s("127.0.0.1:80");
+                    a.probe.http = s("http://x/")
+                }),
+            ),
+            (
+                "--http: 'localhost:8080/health' must be an http:// or https:// URL",
+                Box::new(|a| a.probe.http = s("localhost:8080/health")),
+            ),
+            (
+                "--http: 'http://' is not a URL",
+                Box::new(|a| a.probe.http = s("http://")),
+            ),
+            (
+                "--http: 'ftp://h/x' must be an http:// or https:// URL",
+                Box::new(|a| a.probe.http = s("ftp://h/x")),
+            ),
+            (
+                "--tcp: '127.0.0.1' must be HOST:PORT",
+                Box::new(|a| a.probe.tcp = s("127.0.0.1")),
+            ),
+            ("--tcp: 'h:0' must be HOST:PORT", Box::new(|a| a.probe.tcp = s("h:0"))),
+            ("--tcp: ':80' must be HOST:PORT", Box::new(|a| a.probe.tcp = s(":80"))),
+            (
+                "--expect-status: '600' is not an HTTP status code",
+                Box::new(move |a| {
+                    http(a);
+                    a.probe.expect_status = s("200,600")
+                }),
+            ),
+            (
+                "--expect-status: range '399-200' runs backwards",
+                Box::new(move |a| {
+                    http(a);
+                    a.probe.expect_status = s("399-200")
+                }),
+            ),
+            (
+                "--header: 'NoColon' must be 'Name: value'",
+                Box::new(move |a| {
+                    http(a);
+                    a.probe.headers = vec!["NoColon".into()]
+                }),
+            ),
+            (
+                "--method: 'GE T' is not an HTTP method",
+                Box::new(move |a| {
+                    http(a);
+                    a.probe.method = s("GE T")
+                }),
+            ),
+            (
+                "--extra: '=v' must be KEY=VALUE",
+                Box::new(|a| a.extra = vec!["=v".into()]),
+            ),
+            (
+                "--extra: 'novalue' must be KEY=VALUE",
+                Box::new(|a| a.extra = vec!["novalue".into()]),
+            ),
+            (
+                "--extra: key '/services/web/1' is given twice",
+                Box::new(|a| a.extra = vec!["/services/web/1=x".into()]),
+            ),
+            ("KEY must not be empty", Box::new(|a| a.key = String::new())),
+            (
+                "--dial-timeout must be more than 0s",
+                Box::new(|a| a.etcd.dial_timeout = s("0s")),
+            ),
+            ("--password needs --user", Box::new(|a| a.etcd.password = s("pw"))),
+            ("--user needs a password", Box::new(|a| a.etcd.user = s("bob"))),
+            (
+                "--user NAME:PASS and --password cannot be used together",
+                Box::new(|a| {
+                    a.etcd.user = s("bob:pw");
+                    a.etcd.password = s("pw2")
+                }),
+            ),
+            ("--cert needs --key", Box::new(|a| a.etcd.cert = s("c.pem"))),
+            ("--key needs --cert", Box::new(|a| a.etcd.tls_key = s("k.pem"))),
+            (
+                "--cacert/--cert/--key need https:// endpoints",
+                Box::new(|a| a.etcd.cacert = s("ca.pem")),
+            ),
+            (
+                "--endpoints: 'ftp://x:1' must be",
+                Box::new(|a| a.etcd.endpoints = s("ftp://x:1")),
+            ),
+        ];
+        for (want, f) in cases {
+            let mut a = run_args(|_| {});
+            f(&mut a);
+            let got = err(a);
+            assert!(got.starts_with(want), "want {want:?}, got {got:?}");
+            assert!(!got.contains('\n'), "one line: {got:?}");
+        }
+    }
+
+    #[test]
+    fn good_combinations_pass() {
+        let ok = |f: &dyn Fn(&mut RunArgs)| {
+            let a = run_args(f);
+            run_config(&a, &MapEnv::default()).unwrap_or_else(|e| panic!("{e}"))
+        };
+        // The short timings an operator tries first.
+        let c = ok(&|a| {
+            a.probe.http = s("http://127.0.0.1:8080/");
+            a.timing.interval = s("200ms");
+            a.probe.timeout = s("100ms");
+            a.timing.ttl = s("2s");
+        });
+        assert_eq!(c.timing.interval, Duration::from_millis(200));
+        // No probe: only the TTL rule applies.
+        let c = ok(&|a| a.timing.ttl = s("2s"));
+        assert!(c.probe.is_none());
+        let c = ok(&|a| {
+            a.probe.tcp = s("[::1]:6379");
+            a.extra = vec!["/services/web/scheme=http".into(), "/x=a=b".into()];
+            a.etcd.user = s("bob");
+            a.etcd.password = s("secret");
+        });
+        assert_eq!(c.keys[2], ("/x".into(), "a=b".into()));
+        assert_eq!(c.etcd.auth, Some(("bob".into(), "secret".into())));
+        assert_eq!(
+            c.probe.unwrap().target,
+            ProbeTarget::Tcp {
+                host: "::1".into(),
+                port: 6379
+            }
+        );
+    }
+
+    #[test]
+    fn status_lists_parse() {
+        let set: StatusSet = "200, 204,300-302".parse().unwrap();
+        for (code, want) in [
+            (200, true),
+            (201, false),
+            (204, true),
+            (300, true),
+            (302, true),
+            (303, false),
+        ] {
+            assert_eq!(set.contains(code), want, "{code}");
+        }
+        for bad in ["", "abc", "200-", "-200", "99", "1000", "200,,204", "300-200"] {
+            assert!(bad.parse::<StatusSet>().is_err(), "{bad:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn headers_parse() {
+        assert_eq!(
+            parse_header("Host: example.com").unwrap(),
+            ("Host".into(), "example.com".into())
+        );
+        assert_eq!(parse_header("X-A:b:c").unwrap(), ("X-A".into(), "b:c".into()));
+        for bad in ["", ": v", "Bad Name: v", "NoColon"] {
+            assert!(parse_header(bad).is_err(), "{bad:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn extras_parse() {
+        assert_eq!(parse_extra("k=v").unwrap(), ("k".into(), "v".into()));
+        assert_eq!(parse_extra("k=").unwrap(), ("k".into(), "".into()));
+        assert!(parse_extra("=v").is_err());
+        assert!(parse_extra("kv").is_err());
+    }
+}

@@ -1,0 +1,28 @@
+//! etcd-sidekick keeps a service instance registered in etcd v3 while it is
+//! healthy, under a lease, and withdraws it when it is not.
+//!
+//! The pieces, in the order data flows through them:
+//!
+//! - [`cli`] holds the raw command-line flags; [`config`] turns them into
+//!   validated settings and owns every cross-flag rule.
+//! - [`discover`] finds etcd: flags, environment, the env file, the default
+//!   gateway, then loopback.
+//! - [`probe`] checks the instance over HTTP or TCP; [`health`] turns probe
+//!   outcomes into up/down with rise/fall hysteresis.
+//! - [`registry`] talks to etcd (leases, guarded puts, revoke); an in-memory
+//!   fake stands in for it in unit tests.
+//! - [`sidekick`] ties probe → health → registry together and owns the
+//!   shutdown order; [`shutdown`] turns signals into cancellation.
+//! - [`exit`] is the one place exit codes are defined.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod discover;
+pub mod exit;
+pub mod health;
+pub mod probe;
+pub mod registry;
+pub mod shutdown;
+pub mod sidekick;

@@ -1,0 +1,268 @@
+//! The etcd v3 registry: one client at a time, rotating over the endpoints
+//! when one stops answering, and one keep-alive stream kept open per lease.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, Error, Identity, LeaseKeepAliveStream, LeaseKeeper,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
+};
+use tracing::{debug, info};
+
+use super::{HeldElsewhere, LeaseId, Registry, RegistryError};
+use crate::config::EtcdSettings;
+
+/// Builds the connection options, reading the TLS files now so that a
+/// missing or unreadable file is a usage error before anything is written.
+pub fn connect_options(settings: &EtcdSettings) -> Result<ConnectOptions, String> {
+    let dial = settings.dial_timeout;
+    let mut opts = ConnectOptions::new()
+        .with_connect_timeout(dial)
+        // HTTP/2 pings find a frozen or vanished etcd on an idle connection.
+        .with_keep_alive(dial.max(Duration::from_secs(1)), dial)
+        .with_keep_alive_while_idle(true);
+    if let Some((user, pass)) = &settings.auth {
+        opts = opts.with_user(user.clone(), pass.clone());
+    }
+    if let Some(tls) = &settings.tls {
+        let read = |flag: &str, path: &str| std::fs::read(path).map_err(|e| format!("{flag}: cannot read {path}: {e}"));
+        let mut t = TlsOptions::new();
+        if let Some(ca) = &tls.cacert {
+            t = t.ca_certificate(Certificate::from_pem(read("--cacert", ca)?));
+        }
+        if let Some((cert, key)) = &tls.identity {
+            t = t.identity(Identity::from_pem(read("--cert", cert)?, read("--key", key)?));
+        }
+        opts = opts.with_tls(t);
+    }
+    Ok(opts)
+}
+
+/// Turns an etcd-client error into a short cause: the gRPC code and message,
+/// or the transport error with its sources, never a debug dump.
+fn cause(err: &Error) -> String {
+    use std::error::Error as _;
+    match err {
+        Error::GRpcStatus(s) => {
+            let msg = s.message().trim_start_matches("etcdserver: ");
+            if msg.is_empty() {
+                s.code().description().to_string()
+            } else {
+                format!("{msg} ({})", s.code().description().to_lowercase())
+            }
+        }
+        other => {
+            let mut text = other.to_string();
+            let mut source = other.source();
+            while let Some(s) = source {
+                let t = s.to_string();
+                if !text.contains(&t) {
+                    text.push_str(": ");
+                    text.push_str(&t);
+                }
+                source = s.source();
+            }
+            text
+        }
+    }
+}
+
+fn is_lease_not_found(err: &Error) -> bool {
+    match err {
+        Error::GRpcStatus(s) => s.message().contains("requested lease not found"),
+        Error::LeaseKeepAliveError(m) => m.contains("lease not found"),
+        _ => false,
+    }
+}
+
+/// etcd v3 over gRPC.
+pub struct EtcdRegistry {
+    endpoints: Vec<String>,
+    current: usize,
+    options: ConnectOptions,
+    timeout: Duration,
+    client: Option<Client>,
+    keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+}
+
+impl std::fmt::Debug for EtcdRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdRegistry")
+            .field("endpoints", &self.endpoints)
+            .field("current", &self.current)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdRegistry {
+    /// A registry over `endpoints`; nothing is contacted until the first
+    /// operation. Each operation is bounded by `timeout`.
+    pub fn new(endpoints: Vec<String>, options: ConnectOptions, timeout: Duration) -> Self {
+        assert!(!endpoints.is_empty(), "at least one endpoint");
+        EtcdRegistry {
+            endpoints,
+            current: 0,
+            options,
+            timeout,
+            client: None,
+            keeper: None,
+        }
+    }
+
+    fn fail(&mut self, op: &'static str, cause: String) -> RegistryError {
+        let endpoint = self.endpoints[self.current].clone();
+        // Drop the connection and move on: the next attempt goes to the next
+        // endpoint, so a dead member costs one attempt, not all of them.
+        self.client = None;
+        self.keeper = None;
+        if self.endpoints.len() > 1 {
+            self.current = (self.current + 1) % self.endpoints.len();
+            debug!(from = %endpoint, to = %self.endpoints[self.current], "switching etcd endpoint");
+        }
+        RegistryError { op, endpoint, cause }
+    }
+
+    /// Runs `f` on a connected client within the time limit.
+    async fn call<T, F>(&mut self, op: &'static str, f: F) -> Result<T, RegistryError>
+    where
+        F: AsyncFnOnce(&mut Client) -> Result<T, Error>,
+    {
+        let timeout = self.timeout;
+        let endpoint = self.endpoints[self.current].clone();
+        let attempt = async {
+            if self.client.is_none() {
+                let c = Client::connect([endpoint.as_str()], Some(self.options.clone())).await?;
+                self.client = Some(c);
+            }
+            let client = self.client.as_mut().expect("connected above");
+            f(client).await
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.fail(op, cause(&e))),
+            Err(_) => Err(self.fail(
+                op,
+                format!(
+                    "no answer within {} (--dial-timeout)",
+                    humantime::format_duration(timeout)
+                ),
+            )),
+        }
+    }
+}
+
+impl Registry for EtcdRegistry {
+    async fn grant(&mut self, ttl: Duration) -> Result<LeaseId, RegistryError> {
+        let secs = ttl.as_secs() as i64;
+        self.call("grant a lease", async |c| c.lease_grant(secs, None).await)
+            .await
+            .map(|r| LeaseId(r.id()))
+    }
+
+    async fn keep_alive(&mut self, lease: LeaseId) -> Result<bool, RegistryError> {
+        if self.keeper.as_ref().is_some_and(|(k, _)| k.id() != lease.0) {
+            self.keeper = None;
+        }
+        if self.keeper.is_none() {
+            // Opening the stream sends the first keep-alive and waits for
+            // its answer; a lease etcd no longer has is reported here.
+            return match self
+                .call("keep the lease alive", async |c| c.lease_keep_alive(lease.0).await)
+                .await
+            {
+                Ok(pair) => {
+                    self.keeper = Some(pair);
+                    Ok(true)
+                }
+                Err(e) if e.cause.contains("lease not found") => Ok(false),
+                Err(e) => Err(e),
+            };
+        }
+        let (keeper, stream) = self.keeper.as_mut().expect("checked above");
+        let round = async {
+            keeper.keep_alive().await?;
+            stream.message().await
+        };
+        match tokio::time::timeout(self.timeout, round).await {
+            Ok(Ok(Some(resp))) => Ok(resp.ttl() > 0),
+            Ok(Ok(None)) => Err(self.fail("keep the lease alive", "etcd closed the keep-alive stream".into())),
+            Ok(Err(e)) => Err(self.fail("keep the lease alive", cause(&e))),
+            Err(_) => Err(self.fail(
+                "keep the lease alive",
+                format!(
+                    "no answer within {} (--dial-timeout)",
+                    humantime::format_duration(self.timeout)
+                ),
+            )),
+        }
+    }
+
+    async fn put(
+        &mut self,
+        lease: LeaseId,
+        keys: &[(String, String)],
+        takeover: bool,
+    ) -> Result<Vec<HeldElsewhere>, RegistryError> {
+        let put = |k: &str, v: &str| TxnOp::put(k, v, Some(PutOptions::new().with_lease(lease.0)));
+        if takeover {
+            // One transaction: every key appears in the same revision.
+            let ops: Vec<TxnOp> = keys.iter().map(|(k, v)| put(k, v)).collect();
+            self.call("put the keys", async |c| c.txn(Txn::new().and_then(ops)).await)
+                .await?;
+            return Ok(Vec::new());
+        }
+        let mut held = Vec::new();
+        for (k, v) in keys {
+            // Put only where nobody is: a key that exists and is not on our
+            // lease belongs to someone else now.
+            let txn = Txn::new()
+                .when([Compare::version(k.as_str(), CompareOp::Equal, 0)])
+                .and_then([put(k, v)])
+                .or_else([TxnOp::get(k.as_str(), None)]);
+            let resp = self.call("put the keys", async |c| c.txn(txn).await).await?;
+            if resp.succeeded() {
+                continue;
+            }
+            let holder = resp.op_responses().into_iter().find_map(|r| match r {
+                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.lease()),
+                _ => None,
+            });
+            match holder {
+                Some(id) if id == lease.0 => {}
+                Some(0) => held.push(HeldElsewhere {
+                    key: k.clone(),
+                    holder: None,
+                }),
+                Some(id) => held.push(HeldElsewhere {
+                    key: k.clone(),
+                    holder: Some(LeaseId(id)),
+                }),
+                // Deleted between the compare and the read: try again later.
+                None => held.push(HeldElsewhere {
+                    key: k.clone(),
+                    holder: None,
+                }),
+            }
+        }
+        Ok(held)
+    }
+
+    async fn revoke(&mut self, lease: LeaseId) -> Result<(), RegistryError> {
+        self.keeper = None;
+        let result = self
+            .call("revoke the lease", async |c| match c.lease_revoke(lease.0).await {
+                Ok(_) => Ok(true),
+                Err(e) if is_lease_not_found(&e) => Ok(false),
+                Err(e) => Err(e),
+            })
+            .await?;
+        if !result {
+            info!(lease = %lease, "lease was already gone");
+        }
+        Ok(())
+    }
+
+    fn endpoint(&self) -> &str {
+        &self.endpoints[self.current]
+    }
+}

@@ -1,0 +1,73 @@
+//! Where the keys live: the operations the sidekick needs from etcd.
+//!
+//! [`EtcdRegistry`] is the real thing; [`MemoryRegistry`] is an in-memory
+//! fake with lease expiry on tokio's clock, for unit tests of timing logic.
+
+mod etcd;
+mod memory;
+
+use std::fmt;
+use std::time::Duration;
+
+pub use etcd::{connect_options, EtcdRegistry};
+pub use memory::MemoryRegistry;
+
+/// An etcd lease id; shown in hex, as etcdctl does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseId(pub i64);
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:x}", self.0)
+    }
+}
+
+/// A key that another lease (or a permanent write) holds, so it was left alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldElsewhere {
+    /// The key.
+    pub key: String,
+    /// The lease holding it; `None` for a key without a lease.
+    pub holder: Option<LeaseId>,
+}
+
+/// Why an etcd operation failed. Every such failure is retried.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("could not {op} at {endpoint}: {cause}")]
+pub struct RegistryError {
+    /// What was being done: `grant a lease`, `put the keys`, ...
+    pub op: &'static str,
+    /// The endpoint that was asked.
+    pub endpoint: String,
+    /// What went wrong.
+    pub cause: String,
+}
+
+/// The etcd operations of one sidekick. Each call is one attempt; the caller
+/// bounds its time, retries and backs off.
+#[allow(async_fn_in_trait)]
+pub trait Registry {
+    /// Grants a lease of `ttl`.
+    async fn grant(&mut self, ttl: Duration) -> Result<LeaseId, RegistryError>;
+
+    /// Refreshes `lease`. `Ok(false)` means etcd no longer has it (expired,
+    /// revoked, or etcd lost its data).
+    async fn keep_alive(&mut self, lease: LeaseId) -> Result<bool, RegistryError>;
+
+    /// Puts `keys` under `lease`. With `takeover` every key is written
+    /// whoever holds it; without, a key held by another lease or written
+    /// without one is left alone and returned.
+    async fn put(
+        &mut self,
+        lease: LeaseId,
+        keys: &[(String, String)],
+        takeover: bool,
+    ) -> Result<Vec<HeldElsewhere>, RegistryError>;
+
+    /// Revokes `lease`, deleting exactly the keys still attached to it. A
+    /// lease that no longer exists counts as revoked.
+    async fn revoke(&mut self, lease: LeaseId) -> Result<(), RegistryError>;
+
+    /// The endpoint in use, for logs and status.
+    fn endpoint(&self) -> &str;
+}

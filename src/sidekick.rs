@@ -1,0 +1,315 @@
+//! The sidekick loop: probe → health → registry, and the shutdown order.
+//!
+//! Two loops run side by side in one task. The probe loop checks the
+//! instance every interval and publishes the health state; it never waits on
+//! etcd, so probing keeps its rhythm while etcd is slow or gone. The
+//! registrar follows that state: it grants a lease and puts the keys when the
+//! instance is up, keeps the lease alive every TTL/3 without rewriting a key,
+//! revokes the lease when the instance goes down, and retries every etcd
+//! failure with capped, jittered backoff. An etcd failure never changes what
+//! the registrar wants, so an etcd blip never withdraws the keys.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::Timing;
+use crate::health::{Health, State};
+use crate::probe::{Outcome, Probe};
+use crate::registry::{LeaseId, Registry, RegistryError};
+
+/// Something that can check the instance once.
+#[allow(async_fn_in_trait)]
+pub trait Check {
+    /// One probe, bounded in time.
+    async fn check(&self) -> Outcome;
+}
+
+impl Check for Probe {
+    async fn check(&self) -> Outcome {
+        Probe::check(self).await
+    }
+}
+
+/// What one sidekick keeps, and how.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The keys and values, all under one lease.
+    pub keys: Vec<(String, String)>,
+    /// Probe and lease timing.
+    pub timing: Timing,
+    /// Bound on the final revoke (the dial timeout).
+    pub stop_timeout: Duration,
+}
+
+/// Runs until `shutdown` is cancelled, then withdraws and drains.
+///
+/// Without a probe the instance counts as up from the start.
+pub async fn run<P: Check, R: Registry>(plan: &Plan, probe: Option<P>, registry: R, shutdown: CancellationToken) {
+    let initial = if probe.is_some() { State::Starting } else { State::Up };
+    let (tx, rx) = watch::channel(initial);
+    let probing = async {
+        match &probe {
+            Some(p) => probe_loop(p, &plan.timing, &tx, &shutdown).await,
+            None => shutdown.cancelled().await,
+        }
+    };
+    let (_, was_registered) = tokio::join!(probing, registrar(plan, registry, rx, &shutdown));
+
+    // Shutdown order: probing has stopped and the lease is revoked (or left
+    // to expire if etcd did not answer in time); now give the load balancer
+    // time to notice before the instance goes away.
+    if was_registered && !plan.timing.drain.is_zero() {
+        info!(drain = %humantime::format_duration(plan.timing.drain), "keys withdrawn; draining before exit");
+        tokio::time::sleep(plan.timing.drain).await;
+    }
+}
+
+/// A duration shortened by a random 0–10 %, so that many sidekicks started
+/// together spread out, and the TTL rule (TTL > interval + timeout) holds.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(1.0 - fastrand::f64() * 0.1)
+}
+
+async fn probe_loop<P: Check>(probe: &P, timing: &Timing, tx: &watch::Sender<State>, shutdown: &CancellationToken) {
+    let start = Instant::now();
+    let mut health = Health::new(timing.rise, timing.fall, timing.grace);
+    let mut next = start;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = sleep_until(next) => {}
+        }
+        let began = Instant::now();
+        next = began + jitter(timing.interval);
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            o = probe.check() => o,
+        };
+        let was = health.state();
+        match health.observe(outcome.ok, began - start) {
+            Some(State::Up) => info!(probe = %outcome, "instance is up"),
+            Some(State::Down) => warn!(probe = %outcome, "instance is down"),
+            Some(State::Starting) => {}
+            None if !outcome.ok && was == State::Up && health.failures() > 0 => info!(
+                probe = %outcome,
+                "probe failed ({} of {} before withdrawal)",
+                health.failures(),
+                timing.fall
+            ),
+            None => debug!(probe = %outcome, state = health.state().as_str(), "probe"),
+        }
+        tx.send_if_modified(|s| std::mem::replace(s, health.state()) != health.state());
+    }
+}
+
+/// Exponential backoff with jitter, capped.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+    first: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    fn new(cap: Duration) -> Self {
+        let first = Duration::from_millis(100).min(cap);
+        Backoff {
+            next: first,
+            first,
+            cap,
+        }
+    }
+
+    /// The wait before the next attempt: random in [next/2, next].
+    fn fail(&mut self) -> Duration {
+        let wait = self.next.mul_f64(0.5 + fastrand::f64() * 0.5);
+        self.next = (self.next * 2).min(self.cap);
+        wait
+    }
+
+    fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
+/// The registrar's view of its lease.
+#[derive(Debug)]
+struct Lease {
+    id: LeaseId,
+    /// Keys not yet in etcd under this lease (indices into the plan's keys).
+    pending: Vec<usize>,
+    /// When the next keep-alive is due.
+    refresh_at: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Grant,
+    Put,
+    KeepAlive,
+    Revoke,
+}
+
+/// Follows the health state in etcd. Returns whether the keys were
+/// registered when the stop came.
+async fn registrar<R: Registry>(
+    plan: &Plan,
+    mut reg: R,
+    mut state: watch::Receiver<State>,
+    shutdown: &CancellationToken,
+) -> bool {
+    let ttl = plan.timing.ttl;
+    let refresh_every = ttl / 3;
+    let mut lease: Option<Lease> = None;
+    // The first registration of a run takes the keys over (they may be this
+    // instance's leftovers); any later one leaves other writers' keys alone.
+    let mut takeover = true;
+    let mut backoff = Backoff::new(plan.timing.interval);
+    let mut not_before = Instant::now();
+    let mut trouble: Option<String> = None;
+
+    loop {
+        let want_up = *state.borrow_and_update() == State::Up;
+        let next = match (&lease, want_up) {
+            (None, true) => Some((Action::Grant, not_before)),
+            (Some(l), true) if !l.pending.is_empty() && not_before <= l.refresh_at => Some((Action::Put, not_before)),
+            (Some(l), true) => Some((Action::KeepAlive, l.refresh_at.max(not_before))),
+            (Some(_), false) => Some((Action::Revoke, not_before)),
+            (None, false) => None,
+        };
+        let action = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = state.changed() => {
+                if changed.is_err() {
+                    // The probe loop has ended, which happens only on shutdown.
+                    shutdown.cancelled().await;
+                    break;
+                }
+                continue;
+            }
+            action = wait_for(next) => action,
+        };
+
+        let result = match action {
+            Action::Grant => reg.grant(ttl).await.map(|id| {
+                debug!(lease = %id, ttl = ttl.as_secs(), "lease granted");
+                lease = Some(Lease {
+                    id,
+                    pending: (0..plan.keys.len()).collect(),
+                    refresh_at: Instant::now() + refresh_every,
+                });
+            }),
+            Action::Put => {
+                let l = lease.as_mut().expect("put needs a lease");
+                let keys: Vec<(String, String)> = l.pending.iter().map(|&i| plan.keys[i].clone()).collect();
+                reg.put(l.id, &keys, takeover).await.map(|held| {
+                    l.pending.retain(|&i| held.iter().any(|h| h.key == plan.keys[i].0));
+                    for h in &held {
+                        let holder = h.holder.map_or("no lease".to_string(), |id| format!("lease {id}"));
+                        warn!(key = %h.key, holder = %holder, "key is held elsewhere; not overwriting it, will try again");
+                    }
+                    if l.pending.is_empty() {
+                        takeover = false;
+                        info!(lease = %l.id, keys = %key_list(&plan.keys), endpoint = %reg.endpoint(), "registered");
+                    } else {
+                        // Try the held keys again each interval.
+                        not_before = Instant::now() + plan.timing.interval;
+                    }
+                })
+            }
+            Action::KeepAlive => {
+                let id = lease.as_ref().expect("keep-alive needs a lease").id;
+                reg.keep_alive(id).await.map(|alive| {
+                    if alive {
+                        if let Some(l) = lease.as_mut() {
+                            l.refresh_at = Instant::now() + refresh_every;
+                        }
+                    } else {
+                        warn!(lease = %id, "lease expired or was lost in etcd; granting a new one");
+                        lease = None;
+                    }
+                })
+            }
+            Action::Revoke => {
+                let id = lease.as_ref().expect("revoke needs a lease").id;
+                reg.revoke(id).await.map(|()| {
+                    info!(lease = %id, "withdrawn: lease revoked");
+                    lease = None;
+                })
+            }
+        };
+        match result {
+            Ok(()) => {
+                if trouble.take().is_some() {
+                    info!(endpoint = %reg.endpoint(), "etcd answers again");
+                }
+                backoff.reset();
+                if action != Action::Put || lease.as_ref().is_none_or(|l| l.pending.is_empty()) {
+                    not_before = Instant::now();
+                }
+            }
+            Err(e) => {
+                note_trouble(&mut trouble, &e);
+                not_before = Instant::now() + backoff.fail();
+            }
+        }
+    }
+
+    let registered = lease.as_ref().is_some_and(|l| l.pending.len() < plan.keys.len());
+    if let Some(l) = lease {
+        stop_revoke(&mut reg, l.id, plan.stop_timeout).await;
+    }
+    registered
+}
+
+/// Sleeps until the action is due; never returns when there is none.
+async fn wait_for(next: Option<(Action, Instant)>) -> Action {
+    match next {
+        Some((action, at)) => {
+            sleep_until(at).await;
+            action
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Logs an etcd failure once per distinct cause, not once per retry.
+fn note_trouble(trouble: &mut Option<String>, e: &RegistryError) {
+    let text = e.to_string();
+    if trouble.as_deref() != Some(text.as_str()) {
+        warn!(endpoint = %e.endpoint, "{text}; retrying");
+        *trouble = Some(text);
+    } else {
+        debug!(endpoint = %e.endpoint, "{text}; retrying");
+    }
+}
+
+/// The final revoke on shutdown: retried over the endpoints until `bound`.
+async fn stop_revoke<R: Registry>(reg: &mut R, id: LeaseId, bound: Duration) {
+    let deadline = Instant::now() + bound;
+    let attempts = async {
+        loop {
+            match reg.revoke(id).await {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() + Duration::from_millis(50) >= deadline => return Err(e),
+                Err(e) => {
+                    debug!(error = %e, "revoke on stop failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    };
+    match tokio::time::timeout_at(deadline, attempts).await {
+        Ok(Ok(())) => info!(lease = %id, "withdrawn: lease revoked on stop"),
+        Ok(Err(e)) => warn!(lease = %id, "{e}; the keys expire with the lease"),
+        Err(_) => warn!(lease = %id, "etcd did not answer the revoke in time; the keys expire with the lease"),
+    }
+}
+
+fn key_list(keys: &[(String, String)]) -> String {
+    keys.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(",")
+}
