@@ -61,19 +61,22 @@ fn clap_exit(e: clap::Error) -> ! {
     if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         e.exit();
     }
+    // The first paragraph of clap's message, folded onto one line.
     let text = e.render().to_string();
     let line = text
         .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("invalid arguments")
-        .trim_start_matches("error: ");
-    let hint = match e.kind() {
+        .map(str::trim)
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let line = match e.kind() {
         ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            " (commands: run, check, discover; see --help)"
+            "a command is required: run, check or discover (see --help)"
         }
-        _ => "",
+        _ => line.trim_start_matches("error: "),
     };
-    eprintln!("sidekick: {line}{hint}");
+    eprintln!("sidekick: {line}");
     process::exit(ExitCode::Usage.code());
 }
 

@@ -1,0 +1,249 @@
+//! The command line as a user meets it: bad input, `check`, `discover`.
+
+use std::time::Duration;
+
+use crate::harness::*;
+
+/// Every invalid flag or combination exits 2 with one line naming the flag,
+/// and writes nothing: not a lease, not a key.
+#[tokio::test]
+async fn bad_flags_exit_2_with_one_line_and_write_nothing() {
+    let etcd = Etcd::start().await;
+    let backend = Backend::start();
+    let eps = etcd.endpoints();
+    let url = backend.url();
+    let mut c = etcd.client(0).await;
+    let rev = revision(&mut c).await;
+
+    let base = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["run", "/k", "v", "--endpoints", &eps]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (base(&["--http", &url, "--timeout", "5s"]), "--timeout"),
+        (base(&["--http", &url, "--ttl", "6s"]), "--ttl"),
+        (base(&["--ttl", "1s"]), "--ttl"),
+        (base(&["--http", &url, "--interval", "fast"]), "--interval"),
+        (base(&["--http", &url, "--rise", "0"]), "--rise"),
+        (base(&["--http", &url, "--fall", "x"]), "--fall"),
+        (base(&["--http", &url, "--tcp", "127.0.0.1:1"]), "--tcp"),
+        (base(&["--http", "localhost:8080"]), "--http"),
+        (base(&["--tcp", "nope"]), "--tcp"),
+        (base(&["--http", &url, "--expect-status", "20x"]), "--expect-status"),
+        (base(&["--http", &url, "--header", "broken"]), "--header"),
+        (base(&["--tcp", "127.0.0.1:1", "--expect-body", "ok"]), "--expect-body"),
+        (base(&["--interval", "1s"]), "--interval"),
+        (base(&["--extra", "novalue"]), "--extra"),
+        (base(&["--drain", "soon"]), "--drain"),
+        (base(&["--dial-timeout", "0s"]), "--dial-timeout"),
+        (base(&["--cert", "/nonexistent.pem"]), "--cert"),
+        (base(&["--no-such-flag"]), "--no-such-flag"),
+        (vec!["run".into(), "/k".into()], "VALUE"),
+        (
+            vec![
+                "run".into(),
+                "/k".into(),
+                "v".into(),
+                "--endpoints".into(),
+                "ftp://x".into(),
+            ],
+            "--endpoints",
+        ),
+        (vec!["check".into()], "--http"),
+        (
+            vec![
+                "check".into(),
+                "--http".into(),
+                url.clone(),
+                "--timeout".into(),
+                "soon".into(),
+            ],
+            "--timeout",
+        ),
+    ];
+    for (args, flag) in cases {
+        let out = sidekick(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: one line: {stderr}");
+        assert!(
+            stderr.starts_with("sidekick: ") && stderr.contains(flag),
+            "{args:?} names {flag}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
+    }
+    assert_eq!(revision(&mut c).await, rev, "nothing was written to etcd");
+    assert!(c.leases().await.unwrap().leases().is_empty(), "no lease was granted");
+}
+
+#[tokio::test]
+async fn check_prints_one_line_and_exits_0_or_1() {
+    let backend = Backend::start();
+    let url = backend.url();
+    let out = sidekick(&["check", "--http", &url]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1);
+    assert!(stdout.starts_with("healthy: HTTP 200"), "{stdout}");
+
+    backend.set_healthy(false);
+    let out = sidekick(&["check", "--http", &url]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.starts_with("unhealthy: HTTP 503 is not an expected status"),
+        "{stdout}"
+    );
+    // ... unless 503 is what the operator expects.
+    let out = sidekick(&["check", "--http", &url, "--expect-status", "503"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+
+    let tcp = backend.addr.to_string();
+    let out = sidekick(&["check", "--tcp", &tcp]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let closed = format!("127.0.0.1:{}", free_port());
+    let out = sidekick(&["check", "--tcp", &closed]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("could not connect"));
+}
+
+#[tokio::test]
+async fn check_http_options() {
+    // A tiny server that answers 200 only for the right Host, method and
+    // path, with a known body, and a redirect elsewhere.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for conn in listener.incoming().take(8) {
+            let mut conn = conn.unwrap();
+            let mut buf = vec![0u8; 8192];
+            let n = conn.read(&mut buf).unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+            let resp = if req.starts_with("get /redirect") {
+                "HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n".to_string()
+            } else if req.starts_with("head /h ") && req.contains("\r\nhost: web.example\r\n") {
+                "HTTP/1.1 204 No Content\r\n\r\n".to_string()
+            } else {
+                let body = "status: all good";
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+            };
+            let _ = conn.write_all(resp.as_bytes());
+        }
+    });
+    let base = format!("http://{addr}");
+    let run = |args: &[&str]| sidekick(args).output().unwrap();
+    let code = |args: &[&str]| run(args).status.code();
+    assert_eq!(
+        code(&["check", "--http", &format!("{base}/"), "--expect-body", "all good"]),
+        Some(0)
+    );
+    assert_eq!(
+        code(&["check", "--http", &format!("{base}/"), "--expect-body", "bad"]),
+        Some(1)
+    );
+    let h = format!("{base}/h");
+    assert_eq!(
+        code(&[
+            "check",
+            "--http",
+            &h,
+            "--method",
+            "HEAD",
+            "--header",
+            "Host: web.example"
+        ]),
+        Some(0)
+    );
+    // Redirects are judged, not followed: a 302 passes the default 200-399 ...
+    assert_eq!(code(&["check", "--http", &format!("{base}/redirect")]), Some(0));
+    // ... and fails a stricter list.
+    let out = run(&["check", "--http", &format!("{base}/redirect"), "--expect-status", "200"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("HTTP 302"));
+}
+
+#[tokio::test]
+async fn check_times_out() {
+    // Accepts but never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let started = std::time::Instant::now();
+    let out = sidekick(&["check", "--http", &url, "--timeout", "300ms"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("timed out"));
+    assert!(started.elapsed() < Duration::from_secs(5), "bounded by --timeout");
+    drop(listener);
+}
+
+#[tokio::test]
+async fn discover_says_which_rule_chose() {
+    let dir = tempfile::tempdir().unwrap();
+    let env_file = dir.path().join("etcd.environment");
+    std::fs::write(&env_file, "ETCD_ENDPOINT=10.1.2.3:4001\n").unwrap();
+    let env_file = env_file.to_str().unwrap();
+    // (environment, flags, what stdout starts with)
+    type Case<'a> = (Vec<(&'a str, &'a str)>, Vec<&'a str>, &'a str);
+    let cases: Vec<Case> = vec![
+        (vec![], vec!["--endpoints", "h:1"], "http://h:1 (--endpoints)"),
+        (
+            vec![("SIDEKICK_ENDPOINTS", "http://a:1")],
+            vec![],
+            "http://a:1 (SIDEKICK_ENDPOINTS)",
+        ),
+        (
+            vec![("ETCDCTL_ENDPOINTS", "http://b:2,http://c:3")],
+            vec![],
+            "http://b:2,http://c:3 (ETCDCTL_ENDPOINTS)",
+        ),
+        (
+            vec![("SIDEKICK_ENV_FILE", env_file)],
+            vec![],
+            "http://10.1.2.3:4001 (ETCD_ENDPOINT in ",
+        ),
+        (
+            vec![],
+            vec!["--env-file", env_file],
+            "http://10.1.2.3:4001 (ETCD_ENDPOINT in ",
+        ),
+    ];
+    for (vars, args, want) in cases {
+        let mut cmd = sidekick(&["discover"]);
+        cmd.args(&args);
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert!(stdout.starts_with(want), "want {want}, got {stdout}");
+    }
+}
+
+#[tokio::test]
+async fn discover_check_asks_etcd() {
+    let etcd = Etcd::start().await;
+    let out = sidekick(&["discover", "--check", "--endpoints", &etcd.endpoints()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("answers at"));
+
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let out = sidekick(&["discover", "--check", "--dial-timeout", "1s", "--endpoints", &dead])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("sidekick: etcd does not answer: "), "{stderr}");
+}

@@ -1,0 +1,427 @@
+//! Test parts: real etcd servers on free loopback ports, a controllable HTTP
+//! backend, and a builder for the `sidekick` binary.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, KeyValue};
+use tempfile::TempDir;
+
+/// A loopback port nobody listens on, never handed out twice in this run.
+pub fn free_port() -> u16 {
+    static TAKEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let taken = TAKEN.get_or_init(Default::default);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if taken.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
+}
+
+/// Sends `sig` (e.g. "TERM", "KILL", "STOP") to a process we started.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill -{sig} {pid}");
+}
+
+/// Polls `cond` every 50 ms until it holds or `limit` passes; returns
+/// whether it held.
+pub async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One etcd member's ports and data dir.
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+/// A real etcd cluster (one or three members) on loopback, with its data in
+/// a temp dir; every member is killed when it is dropped.
+pub struct Etcd {
+    members: Vec<Member>,
+    dir: TempDir,
+    token: String,
+}
+
+impl Etcd {
+    /// One member.
+    pub async fn start() -> Etcd {
+        Self::cluster(1).await
+    }
+
+    /// `n` members on loopback.
+    pub async fn cluster(n: usize) -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let members = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                child: None,
+            })
+            .collect();
+        let mut etcd = Etcd {
+            members,
+            dir,
+            token: format!("t{}", free_port()),
+        };
+        for i in 0..n {
+            etcd.spawn(i);
+        }
+        etcd.wait_ready().await;
+        etcd
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let initial: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect();
+        let m = &self.members[i];
+        let data = self.dir.path().join(&m.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", m.name)))
+            .unwrap();
+        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let child = Command::new("etcd")
+            .args(["--name", &m.name, "--data-dir"])
+            .arg(&data)
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args([
+                "--initial-cluster",
+                &initial.join(","),
+                "--initial-cluster-token",
+                &self.token,
+            ])
+            .args(["--initial-cluster-state", "new"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd starts (is etcd-server installed?)");
+        self.members[i].child = Some(child);
+    }
+
+    /// Waits until every running member serves a linearizable read.
+    pub async fn wait_ready(&self) {
+        for (i, m) in self.members.iter().enumerate() {
+            if m.child.is_none() {
+                continue;
+            }
+            let url = self.url(i);
+            let ok = eventually(Duration::from_secs(30), || async {
+                let attempt = async {
+                    let mut c = Client::connect([url.as_str()], None).await.ok()?;
+                    c.get("ready-check", None).await.ok()
+                };
+                matches!(tokio::time::timeout(Duration::from_secs(2), attempt).await, Ok(Some(_)))
+            })
+            .await;
+            assert!(ok, "etcd member {i} did not become ready:\n{}", self.log(i));
+        }
+    }
+
+    /// The client URL of member `i`.
+    pub fn url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    /// Every client URL, comma-separated, for `--endpoints`.
+    pub fn endpoints(&self) -> String {
+        (0..self.members.len())
+            .map(|i| self.url(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The log of member `i`.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("m{i}.log"))).unwrap_or_default()
+    }
+
+    /// Kills member `i` (SIGKILL) and waits for it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops member `i` with SIGTERM and waits for it.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            signal(c.id(), "TERM");
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts member `i` again on the same ports and data dir.
+    pub async fn restart(&mut self, i: usize) {
+        self.stop(i);
+        self.spawn(i);
+        self.wait_ready().await;
+    }
+
+    /// Starts a stopped single member again with an empty data dir: etcd
+    /// has forgotten every key and lease.
+    pub async fn wipe_and_start(&mut self) {
+        assert_eq!(self.members.len(), 1, "wipe is for a single member");
+        self.stop(0);
+        std::fs::remove_dir_all(self.dir.path().join(&self.members[0].name)).unwrap();
+        self.spawn(0);
+        self.wait_ready().await;
+    }
+
+    /// A client of member `i`.
+    pub async fn client(&self, i: usize) -> Client {
+        Client::connect([self.url(i)], None).await.unwrap()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Reads `key`, or `None` when it does not exist.
+pub async fn get(c: &mut Client, key: &str) -> Option<KeyValue> {
+    c.get(key, None).await.unwrap().kvs().first().cloned()
+}
+
+/// The value of `key` as text.
+pub async fn value(c: &mut Client, key: &str) -> Option<String> {
+    get(c, key).await.map(|kv| kv.value_str().unwrap().to_string())
+}
+
+/// The store's current revision.
+pub async fn revision(c: &mut Client) -> i64 {
+    c.get("revision-probe", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision()
+}
+
+/// Waits until `key` has `want` (`None`: absent); returns whether it did.
+pub async fn key_becomes(c: &Client, key: &str, want: Option<&str>, limit: Duration) -> bool {
+    eventually(limit, || {
+        let mut c = c.clone();
+        async move {
+            match c.get(key, None).await {
+                Ok(r) => r.kvs().first().map(|kv| kv.value_str().unwrap().to_string()).as_deref() == want,
+                Err(_) => false,
+            }
+        }
+    })
+    .await
+}
+
+/// An HTTP backend on loopback whose health the test switches.
+pub struct Backend {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    healthy: Arc<AtomicBool>,
+    fail_next: Arc<AtomicU32>,
+    hits: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Backend {
+    /// Starts a healthy backend on a free port.
+    pub fn start() -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let b = Backend {
+            addr,
+            healthy: Arc::new(AtomicBool::new(true)),
+            fail_next: Arc::new(AtomicU32::new(0)),
+            hits: Arc::new(AtomicU64::new(0)),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let (healthy, fail_next, hits, stop) = (b.healthy.clone(), b.fail_next.clone(), b.hits.clone(), b.stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut conn) = conn else { continue };
+                hits.fetch_add(1, Ordering::SeqCst);
+                let failing = fail_next
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                let ok = healthy.load(Ordering::SeqCst) && !failing;
+                std::thread::spawn(move || serve(&mut conn, ok));
+            }
+        });
+        b
+    }
+
+    /// `http://ADDR/health`.
+    pub fn url(&self) -> String {
+        format!("http://{}/health", self.addr)
+    }
+
+    /// Switches health.
+    pub fn set_healthy(&self, ok: bool) {
+        self.healthy.store(ok, Ordering::SeqCst);
+    }
+
+    /// Makes the next `n` requests fail.
+    pub fn fail_next(&self, n: u32) {
+        self.fail_next.store(n, Ordering::SeqCst);
+    }
+
+    /// Requests served so far.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+fn serve(conn: &mut TcpStream, ok: bool) {
+    conn.set_read_timeout(Some(Duration::from_secs(2))).ok();
+    let mut buf = [0u8; 4096];
+    let mut seen = Vec::new();
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") && seen.len() < 16 * 1024 {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    let (status, body) = if ok {
+        ("200 OK", "ok\n")
+    } else {
+        ("503 Service Unavailable", "down\n")
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = conn.write_all(resp.as_bytes());
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so its thread ends.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+/// A `sidekick` command with a clean environment: no inherited SIDEKICK_*
+/// or ETCDCTL_* variable, and an env file that does not exist, so discovery
+/// never falls through to the machine's default gateway.
+pub fn sidekick(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sidekick"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SIDEKICK_") || k.starts_with("ETCDCTL_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("SIDEKICK_ENV_FILE", "/nonexistent/etcd.environment");
+    cmd.args(args);
+    cmd
+}
+
+/// A running `sidekick`, its stderr captured to a file.
+pub struct Running {
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Running {
+    /// Starts `sidekick ARGS` with `RUST_LOG=debug`.
+    pub fn start(args: &[&str]) -> Running {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("sidekick.log");
+        let child = sidekick(args)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Running {
+            child: Some(child),
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// Its PID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: &str) {
+        signal(self.pid(), sig);
+    }
+
+    /// Whether it is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    /// Waits up to `limit` for it to exit.
+    pub async fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests: the `sidekick` binary against real etcd servers
+//! started on free loopback ports. One test binary keeps link time down.
+
+mod cli;
+mod harness;
+mod run;
+mod trouble;

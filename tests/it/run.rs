@@ -1,0 +1,342 @@
+//! `sidekick run` against a real etcd: registration, health, signals, leases,
+//! ownership.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+const KEY: &str = "/services/web/1";
+const SEC: Duration = Duration::from_secs(1);
+
+/// The short timings an operator tries first, with `--rise`/`--fall` given.
+fn fast_args<'a>(etcd: &'a str, url: &'a str, rise: &'a str, fall: &'a str) -> Vec<&'a str> {
+    vec![
+        "run",
+        KEY,
+        "10.0.0.5:8080",
+        "--http",
+        url,
+        "--interval",
+        "200ms",
+        "--timeout",
+        "100ms",
+        "--ttl",
+        "2s",
+        "--rise",
+        rise,
+        "--fall",
+        fall,
+        "--endpoints",
+        etcd,
+    ]
+}
+
+#[tokio::test]
+async fn registers_under_a_lease_with_every_extra_key() {
+    let etcd = Etcd::start().await;
+    let backend = Backend::start();
+    let url = backend.url();
+    let eps = etcd.endpoints();
+    let mut args = fast_args(&eps, &url, "2", "2");
+    args.extend([
+        "--extra",
+        "/services/web/scheme=http",
+        "--extra",
+        "/services/web/hosts/1=10.0.0.5:8080",
+    ]);
+    let sk = Running::start(&args);
+    let mut c = etcd.client(0).await;
+    assert!(
+        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
+        "{}",
+        sk.log()
+    );
+
+    let main = get(&mut c, KEY).await.unwrap();
+    assert_ne!(main.lease(), 0, "the key is attached to a lease");
+    for k in ["/services/web/scheme", "/services/web/hosts/1"] {
+        let kv = get(&mut c, k).await.unwrap_or_else(|| panic!("{k} missing"));
+        assert_eq!(kv.lease(), main.lease(), "{k} shares the lease");
+        assert_eq!(
+            kv.mod_revision(),
+            main.mod_revision(),
+            "all keys are written in one revision"
+        );
+    }
+    assert_eq!(value(&mut c, "/services/web/scheme").await.as_deref(), Some("http"));
+    let ttl = c.lease_time_to_live(main.lease(), None).await.unwrap();
+    assert_eq!(ttl.granted_ttl(), 2);
+    assert!(sk.log().contains("registered"), "{}", sk.log());
+}
+
+#[tokio::test]
+async fn unhealthy_removes_the_keys_and_recovery_brings_them_back() {
+    let etcd = Etcd::start().await;
+    let backend = Backend::start();
+    let (url, eps) = (backend.url(), etcd.endpoints());
+    let mut args = fast_args(&eps, &url, "2", "2");
+    args.extend(["--extra", "/services/web/scheme=http"]);
+    let sk = Running::start(&args);
+    let c = etcd.client(0).await;
+    assert!(
+        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
+        "{}",
+        sk.log()
+    );
+
+    backend.set_healthy(false);
+    assert!(key_becomes(&c, KEY, None, 5 * SEC).await, "{}", sk.log());
+    assert!(
+        key_becomes(&c, "/services/web/scheme", None, SEC).await,
+        "extra keys go too"
+    );
+    backend.set_healthy(true);
+    assert!(
+        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 5 * SEC).await,
+        "{}",
+        sk.log()
+    );
+    assert!(key_becomes(&c, "/services/web/scheme", Some("http"), SEC).await);
+    let log = sk.log();
+    let (down, withdrawn, up_again) = (
+        log.find("instance is down").expect("down logged"),
+        log.find("withdrawn: lease revoked").expect("withdrawal logged"),
+        log.rfind("registered").unwrap(),
+    );
+    assert!(down < withdrawn && withdrawn < up_again, "{log}");
+}
+
+#[tokio::test]
+async fn fall_3_rides_out_one_failure() {
+    let etcd = Etcd::start().await;
+    let backend = Backend::start();
+    let (url, eps) = (backend.url(), etcd.endpoints());
+    let sk = Running::start(&fast_args(&eps, &url, "1", "3"));
+    let mut c = etcd.client(0).await;
+    assert!(
+        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
+        "{}",
+        sk.log()
+    );
+    let before = get(&mut c, KEY).await.unwrap();
+
+    // Two failing probes in a row, less than --fall 3.
+    let hits = backend.hits();
+    backend.fail_next(2);
+    assert!(eventually(5 * SEC, || async { backend.hits() >= hits + 4 }).await);
+    let after = get(&mut c, KEY).await.expect("key kept through two failures");
+    assert_eq!(
+        after.create_revision(),
+        before.create_revision(),
+        "never withdrawn and re-put"
+    );
+    assert!(
+        sk.log().contains("probe failed (2 of 3 before withdrawal)"),
+        "{}",
+        sk.log()
+    );
+
+    // A third failure in a row does withdraw.
+    backend.set_healthy(false);
+    assert!(key_becomes(&c, KEY, None, 5 * SEC).await, "{}", sk.log());
+}
+
+async fn stops_on(sig: &str) {
+    let etcd = Etcd::start().await;
+    let backend = Backend::start();
+    let (url, eps) = (backend.url(), etcd.endpoints());
+    let mut sk = Running::start(&fast_args(&eps, &url, "1", "1"));
+    let mut c = etcd.client(0).await;
+    assert!(
+        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
+        "{}",
+        sk.log()
+    );
+
+    sk.signal(sig);
+    let status = sk.exit_within(10 * SEC).await.expect("exits after the signal");
+    assert_eq!(status.code(), Some(0), "{}", sk.log());
+    // Revoked, not expired: gone at once, well inside the 2s TTL.
+    assert!(get(&mut c, KEY).await.is_none(), "{}", sk.log());
+    assert!(sk.log().contains("withdrawn: lease revoked on stop"), "{}", sk.log());
+}
+
+#[tokio::test]
+async fn sigterm_removes_the_keys_and_exits_0() {
+    stops_on("TERM").await;
+}
+
+#[tokio::test]
+async fn sigint_removes_the_keys_and_exits_0() {
+    stops_on("INT").await;
+}
+
+#[tokio::test]
+async fn drain_waits_after_withdrawing() {
+    let etcd = Etcd::start().await;
+    let backend = Backend::start();
+    let (url, eps) = (backend.url(), etcd.endpoints());
+    let mut args = fast_args(&eps, &url, "1", "1");
+    args.extend(["--drain", "2s"]);
+    let mut sk = Running::start(&args);
+    let c = etcd.client(0).await;
+    assert!(
+        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
+        "{}",
+        sk.log()
+    );
+
+    let signalled = Instant::now();
+    sk.signal("TERM");
+    assert!(key_becomes(&c, KEY, None, SEC).await, "keys go before the drain wait");
+    assert!(sk.alive(), "still draining once the key is gone");
+    let status = sk.exit_within(10 * SEC).await.expect("exits after the drain");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        signalled.elapsed() >= Duration::from_millis(1900),
+        "drained {:?}",
+        signalled.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn second_signal_exits_at_once_during_drain() {
+    let etcd = Etcd::start().await;
+    let eps = etcd.endpoints();
+    let mut sk = Running::start(&["run", KEY, "v", "--ttl", "2s", "--drain", "60s", "--endpoints", &eps]);
+    let c = etcd.client(0).await;
+    assert!(key_becomes(&c, KEY, Some("v"), 10 * SEC).await, "{}", sk.log());
+    sk.signal("TERM");
+    assert!(key_becomes(&c, KEY, None, SEC).await);
+    sk.signal("TERM");
+    let status = sk.exit_within(5 * SEC).await.expect("second signal ends the 60s drain");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn sigkill_leaves_the_key_to_expire_with_the_lease() {
+    let etcd = Etcd::start().await;
+    let backend = Backend::start();
+    let (url, eps) = (backend.url(), etcd.endpoints());
+    let sk = Running::start(&fast_args(&eps, &url, "1", "1"));
+    let mut c = etcd.client(0).await;
+    assert!(
+        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
+        "{}",
+        sk.log()
+    );
+
+    sk.signal("KILL");
+    let killed = Instant::now();
+    assert!(
+        get(&mut c, KEY).await.is_some(),
+        "nobody revoked: the key outlives the process"
+    );
+    assert!(key_becomes(&c, KEY, None, 10 * SEC).await, "gone with the lease");
+    // A 2s lease refreshed every ~0.67s has at least 1s left when killed.
+    assert!(
+        killed.elapsed() >= Duration::from_millis(900),
+        "expired after {:?}",
+        killed.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn steady_state_writes_no_revisions() {
+    let etcd = Etcd::start().await;
+    let backend = Backend::start();
+    let (url, eps) = (backend.url(), etcd.endpoints());
+    let sk = Running::start(&fast_args(&eps, &url, "1", "1"));
+    let mut c = etcd.client(0).await;
+    assert!(
+        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
+        "{}",
+        sk.log()
+    );
+
+    let before = revision(&mut c).await;
+    let lease = get(&mut c, KEY).await.unwrap().lease();
+    // Three TTLs: about nine keep-alives and fifteen probes.
+    tokio::time::sleep(6 * SEC).await;
+    assert_eq!(revision(&mut c).await, before, "heartbeats must not write");
+    assert_eq!(get(&mut c, KEY).await.unwrap().lease(), lease, "same lease throughout");
+    assert!(backend.hits() >= 20, "kept probing: {} probes", backend.hits());
+}
+
+#[tokio::test]
+async fn no_probe_announces_unconditionally_and_says_so_first() {
+    let etcd = Etcd::start().await;
+    let eps = etcd.endpoints();
+    let sk = Running::start(&["run", KEY, "v", "--ttl", "2s", "--endpoints", &eps]);
+    let c = etcd.client(0).await;
+    assert!(key_becomes(&c, KEY, Some("v"), 10 * SEC).await, "{}", sk.log());
+    let log = sk.log();
+    let first = log.lines().next().unwrap();
+    assert!(first.contains("no probe given: announcing unconditionally"), "{first}");
+    assert!(
+        first.contains(&eps) && first.contains("--endpoints"),
+        "endpoints and rule: {first}"
+    );
+}
+
+#[tokio::test]
+async fn another_writers_key_survives_our_withdrawal() {
+    let etcd = Etcd::start().await;
+    let backend = Backend::start();
+    let (url, eps) = (backend.url(), etcd.endpoints());
+    let sk = Running::start(&fast_args(&eps, &url, "1", "1"));
+    let mut c = etcd.client(0).await;
+    assert!(
+        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
+        "{}",
+        sk.log()
+    );
+
+    // A new instance takes the key over under its own lease.
+    let theirs = c.lease_grant(30, None).await.unwrap().id();
+    let opts = etcd_client::PutOptions::new().with_lease(theirs);
+    c.put(KEY, "10.0.0.9:8080", Some(opts)).await.unwrap();
+
+    backend.set_healthy(false);
+    assert!(
+        eventually(5 * SEC, || async { sk.log().contains("withdrawn: lease revoked") }).await,
+        "{}",
+        sk.log()
+    );
+    assert_eq!(
+        value(&mut c, KEY).await.as_deref(),
+        Some("10.0.0.9:8080"),
+        "their key survives"
+    );
+
+    // Recovery does not take it back either.
+    backend.set_healthy(true);
+    assert!(
+        eventually(5 * SEC, || async { sk.log().contains("key is held elsewhere") }).await,
+        "{}",
+        sk.log()
+    );
+    tokio::time::sleep(SEC).await;
+    let kv = get(&mut c, KEY).await.unwrap();
+    assert_eq!((kv.value_str().unwrap(), kv.lease()), ("10.0.0.9:8080", theirs));
+
+    // Once theirs is gone, ours comes back by itself.
+    c.lease_revoke(theirs).await.unwrap();
+    assert!(
+        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 5 * SEC).await,
+        "{}",
+        sk.log()
+    );
+}
+
+#[tokio::test]
+async fn first_registration_takes_over_a_leftover_key() {
+    let etcd = Etcd::start().await;
+    let eps = etcd.endpoints();
+    let mut c = etcd.client(0).await;
+    // What a previous run of this instance (or `etcdctl set`) left behind.
+    c.put(KEY, "stale", None).await.unwrap();
+    let sk = Running::start(&["run", KEY, "fresh", "--ttl", "2s", "--endpoints", &eps]);
+    assert!(key_becomes(&c, KEY, Some("fresh"), 10 * SEC).await, "{}", sk.log());
+    assert_ne!(get(&mut c, KEY).await.unwrap().lease(), 0);
+}
