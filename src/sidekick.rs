@@ -313,3 +313,250 @@ async fn stop_revoke<R: Registry>(reg: &mut R, id: LeaseId, bound: Duration) {
 fn key_list(keys: &[(String, String)]) -> String {
     keys.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(",")
 }
+
+#[cfg(test)]
+mod tests {
+    //! The loop's timing against the in-memory registry, under paused time:
+    //! deterministic and fast. etcd's own behaviour is proven by the
+    //! integration tests.
+
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::registry::MemoryRegistry;
+
+    const KEY: &str = "/services/web/1";
+
+    /// A probe whose answer the test switches; counts its calls.
+    #[derive(Clone, Default)]
+    struct Switch {
+        healthy: Arc<AtomicBool>,
+        calls: Arc<AtomicU32>,
+    }
+
+    impl Switch {
+        fn set(&self, ok: bool) {
+            self.healthy.store(ok, Ordering::SeqCst);
+        }
+        fn calls(&self) -> u32 {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Check for Switch {
+        async fn check(&self) -> Outcome {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let ok = self.healthy.load(Ordering::SeqCst);
+            Outcome {
+                ok,
+                latency: Duration::from_millis(10),
+                detail: if ok { "HTTP 200" } else { "HTTP 503" }.into(),
+            }
+        }
+    }
+
+    fn plan(interval_ms: u64, rise: u32, fall: u32, ttl_s: u64) -> Plan {
+        Plan {
+            keys: vec![(KEY.into(), "v".into()), ("/services/web/scheme".into(), "http".into())],
+            timing: Timing {
+                interval: Duration::from_millis(interval_ms),
+                rise,
+                fall,
+                ttl: Duration::from_secs(ttl_s),
+                grace: Duration::ZERO,
+                drain: Duration::ZERO,
+            },
+            stop_timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// Starts the loop in the background; returns the probe, the store and
+    /// the token that stops it, and the task to await.
+    fn start(p: Plan, healthy: bool) -> (Switch, MemoryRegistry, CancellationToken, tokio::task::JoinHandle<()>) {
+        let probe = Switch::default();
+        probe.set(healthy);
+        let reg = MemoryRegistry::new();
+        let token = CancellationToken::new();
+        let task = tokio::spawn({
+            let (probe, reg, token) = (probe.clone(), reg.clone(), token.clone());
+            async move { run(&p, Some(probe), reg, token).await }
+        });
+        (probe, reg, token, task)
+    }
+
+    async fn at(secs: f64) {
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn registers_after_rise_successes_not_before() {
+        let (_probe, reg, _token, _task) = start(plan(1000, 3, 2, 15), true);
+        // Probes at 0, ~0.95, ~1.9: the third success is before 3s.
+        at(1.5).await;
+        assert_eq!(reg.get(KEY), None, "two successes are not enough");
+        at(1.5).await;
+        assert_eq!(reg.get(KEY).map(|(v, _)| v), Some("v".into()));
+        assert_eq!(reg.get("/services/web/scheme").map(|(v, _)| v), Some("http".into()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn steady_state_only_keeps_alive_every_third_of_the_ttl() {
+        let (probe, reg, _token, _task) = start(plan(1000, 1, 1, 9), true);
+        at(0.5).await;
+        let revisions = reg.revisions();
+        assert_eq!(revisions, 2, "two keys put once");
+        at(60.0).await;
+        assert_eq!(reg.revisions(), revisions, "heartbeats never rewrite keys");
+        assert_eq!((reg.calls("grant"), reg.calls("put")), (1, 1));
+        // One keep-alive every 3s for 60s.
+        let ka = reg.calls("keep_alive");
+        assert!((19..=21).contains(&ka), "{ka} keep-alives");
+        // ~60/0.95 probes: the interval holds independently of the lease.
+        assert!((60..=68).contains(&probe.calls()), "{} probes", probe.calls());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fall_failures_revoke_and_nothing_is_sent_while_down() {
+        let (probe, reg, _token, _task) = start(plan(1000, 1, 2, 15), true);
+        at(0.5).await;
+        assert!(reg.get(KEY).is_some());
+        probe.set(false);
+        at(1.0).await;
+        assert!(reg.get(KEY).is_some(), "one failure is not two");
+        at(1.0).await;
+        assert_eq!(reg.get(KEY), None, "revoked after the second failure");
+        let calls: u64 = ["grant", "put", "keep_alive", "revoke"]
+            .iter()
+            .map(|op| reg.calls(op))
+            .sum();
+        at(30.0).await;
+        let later: u64 = ["grant", "put", "keep_alive", "revoke"]
+            .iter()
+            .map(|op| reg.calls(op))
+            .sum();
+        assert_eq!(later, calls, "no etcd traffic while the instance is down");
+        probe.set(true);
+        at(1.0).await;
+        assert!(reg.get(KEY).is_some(), "back after recovery");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn etcd_outage_backs_off_up_to_the_interval_and_probing_goes_on() {
+        let (probe, reg, _token, _task) = start(plan(2000, 1, 1, 15), true);
+        reg.set_unreachable(true);
+        at(20.0).await;
+        assert_eq!(reg.get(KEY), None);
+        let grants = reg.calls("grant");
+        // 100ms doubling to the 2s cap, jittered down to half: at least
+        // 20s / 2s = 10 attempts, and at most what the first steps allow.
+        assert!((10..=30).contains(&grants), "{grants} attempts in 20s");
+        let probes = probe.calls();
+        // One probe every 1.8-2s.
+        assert!(
+            (10..=12).contains(&probes),
+            "{probes} probes in 20s: probing never waits on etcd"
+        );
+        reg.set_unreachable(false);
+        at(2.1).await;
+        assert!(
+            reg.get(KEY).is_some(),
+            "registered within one interval of etcd's return"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_lease_is_replaced_and_the_keys_put_again() {
+        let (_probe, reg, _token, _task) = start(plan(1000, 1, 1, 6), true);
+        at(0.5).await;
+        let (_, first) = reg.get(KEY).unwrap();
+        reg.wipe();
+        // The next keep-alive (≤ 2s away) finds the lease gone.
+        at(2.5).await;
+        let (_, second) = reg.get(KEY).expect("put again");
+        assert_ne!(first, second, "under a new lease");
+        assert_eq!(reg.calls("grant"), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_longer_than_the_ttl_ends_in_a_new_lease() {
+        let (_probe, reg, _token, _task) = start(plan(1000, 1, 1, 3), true);
+        at(0.5).await;
+        let (_, first) = reg.get(KEY).unwrap();
+        reg.set_unreachable(true);
+        at(10.0).await;
+        assert_eq!(reg.get(KEY), None, "expired with the lease");
+        reg.set_unreachable(false);
+        at(1.5).await;
+        let (_, second) = reg.get(KEY).expect("registered again");
+        assert_ne!(first, second);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_held_elsewhere_is_not_overwritten_on_re_registration() {
+        let (probe, reg, _token, _task) = start(plan(1000, 1, 1, 15), true);
+        at(0.5).await;
+        probe.set(false);
+        at(1.0).await;
+        assert_eq!(reg.get(KEY), None);
+        reg.put_foreign(KEY, "theirs", 0);
+        probe.set(true);
+        at(5.0).await;
+        assert_eq!(reg.get(KEY).map(|(v, _)| v), Some("theirs".into()));
+        assert!(reg.get("/services/web/scheme").is_some(), "the free keys are put");
+        assert!(reg.calls("put") >= 4, "tried again each interval: {}", reg.calls("put"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_revokes_then_drains() {
+        let mut p = plan(1000, 1, 1, 15);
+        p.timing.drain = Duration::from_secs(5);
+        let (_probe, reg, token, task) = start(p, true);
+        at(0.5).await;
+        assert!(reg.get(KEY).is_some());
+        token.cancel();
+        at(0.01).await;
+        assert_eq!(reg.get(KEY), None, "revoked at once");
+        assert!(!task.is_finished(), "draining");
+        at(5.0).await;
+        assert!(task.is_finished());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_probe_means_registered_at_once() {
+        let reg = MemoryRegistry::new();
+        let token = CancellationToken::new();
+        let p = plan(1000, 2, 2, 15);
+        let task = tokio::spawn({
+            let (reg, token) = (reg.clone(), token.clone());
+            async move { run::<Switch, _>(&p, None, reg, token).await }
+        });
+        at(0.01).await;
+        assert!(reg.get(KEY).is_some());
+        token.cancel();
+        task.await.unwrap();
+        assert_eq!(reg.get(KEY), None);
+    }
+
+    #[test]
+    fn jitter_stays_within_ten_percent_below() {
+        let d = Duration::from_secs(10);
+        for _ in 0..1000 {
+            let j = jitter(d);
+            assert!(j <= d && j >= Duration::from_secs(9), "{j:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_secs(1));
+        let waits: Vec<Duration> = (0..8).map(|_| b.fail()).collect();
+        for (i, w) in waits.iter().enumerate() {
+            let step = Duration::from_millis(100 * (1 << i.min(10))).min(Duration::from_secs(1));
+            assert!(*w >= step / 2 && *w <= step, "attempt {i}: {w:?} vs {step:?}");
+        }
+        b.reset();
+        assert!(b.fail() <= Duration::from_millis(100));
+    }
+}
