@@ -340,3 +340,37 @@ async fn first_registration_takes_over_a_leftover_key() {
     assert!(key_becomes(&c, KEY, Some("fresh"), 10 * SEC).await, "{}", sk.log());
     assert_ne!(get(&mut c, KEY).await.unwrap().lease(), 0);
 }
+
+#[tokio::test]
+async fn json_logs_name_endpoints_and_rule_in_the_first_line() {
+    let etcd = Etcd::start().await;
+    let backend = Backend::start();
+    let (url, eps) = (backend.url(), etcd.endpoints());
+    let mut args = vec!["--log-format", "json"];
+    args.extend(fast_args(&eps, &url, "1", "1"));
+    let mut sk = Running::start(&args);
+    let c = etcd.client(0).await;
+    assert!(
+        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
+        "{}",
+        sk.log()
+    );
+    sk.signal("TERM");
+    sk.exit_within(10 * SEC).await.expect("exits");
+    let log = sk.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let first = &lines[0];
+    assert_eq!(first["endpoints"], eps.as_str(), "{first}");
+    assert_eq!(first["rule"], "--endpoints", "{first}");
+    assert!(
+        first["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("probing http://127.0.0.1:"),
+        "{first}"
+    );
+    assert!(lines.iter().any(|l| l["message"] == "registered"), "{log}");
+}
