@@ -35,8 +35,14 @@ pub enum Command {
     Run(RunArgs),
     /// Probe the instance once; exit 0 when healthy, 1 when not.
     Check(CheckArgs),
+    /// Put KEY=VALUE once: permanently, or under a lease with --ttl.
+    Announce(AnnounceArgs),
+    /// Delete KEY (or every key under it), optionally only if it still holds a value.
+    Withdraw(WithdrawArgs),
     /// Print the etcd endpoints and the rule that chose them.
     Discover(DiscoverArgs),
+    /// List keys under PREFIX with their values and remaining lease TTL.
+    List(ListArgs),
 }
 
 /// `sidekick run`.
@@ -68,6 +74,56 @@ pub struct CheckArgs {
     pub probe: ProbeArgs,
 }
 
+/// `sidekick announce`.
+#[derive(Debug, Args)]
+pub struct AnnounceArgs {
+    /// The key to put, e.g. /services/web/host1.
+    pub key: String,
+    /// Its value, e.g. 10.0.0.5:8080.
+    pub value: String,
+    /// Another KEY=VALUE to put with it (repeatable).
+    #[arg(long = "extra", value_name = "KEY=VALUE")]
+    pub extra: Vec<String>,
+    /// Put the keys under a lease of this TTL and print the lease id; without it the keys are permanent.
+    #[arg(long, value_name = "D")]
+    pub ttl: Option<String>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub wait: WaitArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub etcd: EtcdArgs,
+}
+
+/// `sidekick withdraw`.
+#[derive(Debug, Args)]
+pub struct WithdrawArgs {
+    /// The key to delete.
+    pub key: String,
+    /// Delete only if the key still holds this value (one etcd transaction).
+    #[arg(long, value_name = "V", conflicts_with = "prefix")]
+    pub if_value: Option<String>,
+    /// Delete every key that starts with KEY.
+    #[arg(long)]
+    pub prefix: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub etcd: EtcdArgs,
+}
+
+/// `sidekick list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only keys starting with this; every key when left out.
+    pub prefix: Option<String>,
+    /// One JSON object a line: key, value, lease (hex or null), ttl (seconds or null).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub etcd: EtcdArgs,
+}
+
 /// `sidekick discover`.
 #[derive(Debug, Args)]
 pub struct DiscoverArgs {
@@ -79,7 +135,7 @@ pub struct DiscoverArgs {
     pub etcd: EtcdArgs,
 }
 
-/// How the instance is probed.
+/// How the instance is probed by `run` and `check`.
 #[derive(Debug, Args, Default)]
 #[command(next_help_heading = "Probe")]
 pub struct ProbeArgs {
@@ -89,6 +145,33 @@ pub struct ProbeArgs {
     /// Probe by opening a TCP connection to HOST:PORT.
     #[arg(long, value_name = "HOST:PORT", env = "SIDEKICK_TCP")]
     pub tcp: Option<String>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub options: ProbeOptions,
+}
+
+/// What `announce` waits for before it writes.
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "Wait")]
+pub struct WaitArgs {
+    /// Before writing, wait until an HTTP(S) request to URL passes.
+    #[arg(long, value_name = "URL", conflicts_with = "wait_tcp")]
+    pub wait_http: Option<String>,
+    /// Before writing, wait until a TCP connection to HOST:PORT opens.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub wait_tcp: Option<String>,
+    /// How long to wait for the instance to be healthy [default: 60s].
+    #[arg(long, value_name = "D")]
+    pub wait_timeout: Option<String>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub options: ProbeOptions,
+}
+
+/// Options shared by every probe.
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "Probe")]
+pub struct ProbeOptions {
     /// Healthy status codes: a comma list of codes and ranges [default: 200-399].
     #[arg(long, value_name = "LIST", env = "SIDEKICK_EXPECT_STATUS")]
     pub expect_status: Option<String>,

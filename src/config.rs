@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::cli::{EtcdArgs, ProbeArgs, RunArgs, TimingArgs};
+use crate::cli::{AnnounceArgs, EtcdArgs, ProbeArgs, ProbeOptions, RunArgs, TimingArgs};
 use crate::discover::{self, Discovery, Environment};
 
 /// A flag value or combination that is not allowed: exit 2.
@@ -215,19 +215,19 @@ pub fn parse_host_port(flag: &str, raw: &str) -> Result<(String, u16), UsageErro
     Ok((host.to_string(), port))
 }
 
-fn parse_http_url(raw: &str) -> Result<reqwest::Url, UsageError> {
-    let url = reqwest::Url::parse(raw).map_err(|e| usage(format!("--http: '{raw}' is not a URL ({e})")))?;
+fn parse_http_url(flag: &str, raw: &str) -> Result<reqwest::Url, UsageError> {
+    let url = reqwest::Url::parse(raw).map_err(|e| usage(format!("{flag}: '{raw}' is not a URL ({e})")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
         return Err(usage(format!(
-            "--http: '{raw}' must be an http:// or https:// URL with a host"
+            "{flag}: '{raw}' must be an http:// or https:// URL with a host"
         )));
     }
     Ok(url)
 }
 
-impl ProbeArgs {
-    /// Whether any probe option is set.
-    fn any_option(&self) -> Option<&'static str> {
+impl ProbeOptions {
+    /// The first HTTP-only option that is set, if any.
+    fn http_only_option(&self) -> Option<&'static str> {
         if self.expect_status.is_some() {
             Some("--expect-status")
         } else if self.expect_body.is_some() {
@@ -244,45 +244,57 @@ impl ProbeArgs {
     }
 }
 
-/// Builds the probe, or `None` when no `--http`/`--tcp` was given.
+/// Builds the probe of `run` and `check`, or `None` when no `--http`/`--tcp`
+/// was given.
 pub fn probe_spec(args: &ProbeArgs) -> Result<Option<ProbeSpec>, UsageError> {
-    let timeout = duration("--timeout", &args.timeout, Duration::from_secs(2))?;
+    target_spec([("--http", &args.http), ("--tcp", &args.tcp)], &args.options)
+}
+
+/// Builds a probe from an HTTP URL flag and a TCP address flag, named as the
+/// user typed them (`--http`/`--tcp`, `--wait-http`/`--wait-tcp`).
+fn target_spec(
+    [(http_flag, http), (tcp_flag, tcp)]: [(&str, &Option<String>); 2],
+    opts: &ProbeOptions,
+) -> Result<Option<ProbeSpec>, UsageError> {
+    let timeout = duration("--timeout", &opts.timeout, Duration::from_secs(2))?;
     if timeout.is_zero() {
         return Err(usage("--timeout must be more than 0s"));
     }
-    let target = match (&args.http, &args.tcp) {
-        (Some(_), Some(_)) => return Err(usage("--http and --tcp cannot be used together")),
+    let target = match (http, tcp) {
+        (Some(_), Some(_)) => return Err(usage(format!("{http_flag} and {tcp_flag} cannot be used together"))),
         (Some(url), None) => {
-            let expect_status = match &args.expect_status {
+            let expect_status = match &opts.expect_status {
                 None => StatusSet::default(),
                 Some(s) => s.parse().map_err(|e| usage(format!("--expect-status: {e}")))?,
             };
-            let method = match &args.method {
+            let method = match &opts.method {
                 None => reqwest::Method::GET,
                 Some(m) => reqwest::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
                     .map_err(|_| usage(format!("--method: '{m}' is not an HTTP method")))?,
             };
-            let headers = args.headers.iter().map(|h| parse_header(h)).collect::<Result<_, _>>()?;
+            let headers = opts.headers.iter().map(|h| parse_header(h)).collect::<Result<_, _>>()?;
             ProbeTarget::Http(HttpSpec {
-                url: parse_http_url(url)?,
+                url: parse_http_url(http_flag, url)?,
                 method,
                 expect_status,
-                expect_body: args.expect_body.clone(),
+                expect_body: opts.expect_body.clone(),
                 headers,
-                insecure: args.insecure,
+                insecure: opts.insecure,
             })
         }
         (None, Some(addr)) => {
-            if let Some(flag) = args.any_option() {
-                return Err(usage(format!("{flag} applies to --http probes only, not --tcp")));
+            if let Some(flag) = opts.http_only_option() {
+                return Err(usage(format!(
+                    "{flag} applies to {http_flag} probes only, not {tcp_flag}"
+                )));
             }
-            let (host, port) = parse_host_port("--tcp", addr)?;
+            let (host, port) = parse_host_port(tcp_flag, addr)?;
             ProbeTarget::Tcp { host, port }
         }
         (None, None) => {
-            if let Some(flag) = args.any_option().or(args.timeout.as_ref().map(|_| "--timeout")) {
+            if let Some(flag) = opts.http_only_option().or(opts.timeout.as_ref().map(|_| "--timeout")) {
                 return Err(usage(format!(
-                    "{flag} needs a probe: add --http URL or --tcp HOST:PORT"
+                    "{flag} needs a probe: add {http_flag} URL or {tcp_flag} HOST:PORT"
                 )));
             }
             return Ok(None);
@@ -297,24 +309,13 @@ pub fn timing(args: &TimingArgs, probe: Option<&ProbeSpec>) -> Result<Timing, Us
         interval: duration("--interval", &args.interval, Duration::from_secs(5))?,
         rise: count("--rise", &args.rise, 2)?,
         fall: count("--fall", &args.fall, 2)?,
-        ttl: duration("--ttl", &args.ttl, Duration::from_secs(15))?,
+        ttl: lease_ttl(&args.ttl, Duration::from_secs(15))?,
         grace: duration("--grace", &args.grace, Duration::ZERO)?,
         drain: duration("--drain", &args.drain, Duration::ZERO)?,
     };
     let show = |d: Duration| humantime::format_duration(d).to_string();
     if t.interval.is_zero() {
         return Err(usage("--interval must be more than 0s"));
-    }
-    // Whole seconds only: etcd leases are granted in seconds, and rounding
-    // silently would shorten or lengthen what the operator asked for.
-    if t.ttl.subsec_nanos() != 0 {
-        return Err(usage(format!(
-            "--ttl {} must be a whole number of seconds (etcd leases count seconds)",
-            show(t.ttl)
-        )));
-    }
-    if t.ttl < Duration::from_secs(2) {
-        return Err(usage(format!("--ttl {} must be at least 2s", show(t.ttl))));
     }
     if let Some(p) = probe {
         if p.timeout >= t.interval {
@@ -412,19 +413,76 @@ pub fn etcd_settings(args: &EtcdArgs, env: &dyn Environment) -> Result<EtcdSetti
     })
 }
 
-/// Builds the whole `run` configuration.
-pub fn run_config(args: &RunArgs, env: &dyn Environment) -> Result<RunConfig, UsageError> {
-    if args.key.is_empty() {
+/// `KEY VALUE` plus every `--extra KEY=VALUE`, each key once.
+fn key_values(key: &str, value: &str, extra: &[String]) -> Result<Vec<(String, String)>, UsageError> {
+    if key.is_empty() {
         return Err(usage("KEY must not be empty"));
     }
-    let mut keys = vec![(args.key.clone(), args.value.clone())];
-    for raw in &args.extra {
+    let mut keys = vec![(key.to_string(), value.to_string())];
+    for raw in extra {
         let (k, v) = parse_extra(raw)?;
         if keys.iter().any(|(existing, _)| *existing == k) {
             return Err(usage(format!("--extra: key '{k}' is given twice")));
         }
         keys.push((k, v));
     }
+    Ok(keys)
+}
+
+/// A lease TTL: whole seconds (etcd grants leases in seconds, and rounding
+/// silently would change what the operator asked for), at least 2s.
+fn lease_ttl(raw: &Option<String>, default: Duration) -> Result<Duration, UsageError> {
+    let ttl = duration("--ttl", raw, default)?;
+    let show = humantime::format_duration(ttl);
+    if ttl.subsec_nanos() != 0 {
+        return Err(usage(format!(
+            "--ttl {show} must be a whole number of seconds (etcd leases count seconds)"
+        )));
+    }
+    if ttl < Duration::from_secs(2) {
+        return Err(usage(format!("--ttl {show} must be at least 2s")));
+    }
+    Ok(ttl)
+}
+
+/// Everything `sidekick announce` needs.
+#[derive(Debug, Clone)]
+pub struct AnnounceConfig {
+    /// The keys to put.
+    pub keys: Vec<(String, String)>,
+    /// Lease TTL; `None` writes permanent keys.
+    pub ttl: Option<Duration>,
+    /// The probe to pass first, and how long to wait for it.
+    pub wait: Option<(ProbeSpec, Duration)>,
+    /// Where etcd is and how to reach it.
+    pub etcd: EtcdSettings,
+}
+
+/// Builds the `announce` configuration.
+pub fn announce_config(args: &AnnounceArgs, env: &dyn Environment) -> Result<AnnounceConfig, UsageError> {
+    let keys = key_values(&args.key, &args.value, &args.extra)?;
+    let ttl = args
+        .ttl
+        .as_ref()
+        .map(|_| lease_ttl(&args.ttl, Duration::ZERO))
+        .transpose()?;
+    let w = &args.wait;
+    let probe = target_spec([("--wait-http", &w.wait_http), ("--wait-tcp", &w.wait_tcp)], &w.options)?;
+    let wait_timeout = duration("--wait-timeout", &w.wait_timeout, Duration::from_secs(60))?;
+    let wait = match probe {
+        Some(p) => Some((p, wait_timeout)),
+        None if w.wait_timeout.is_some() => {
+            return Err(usage("--wait-timeout needs --wait-http URL or --wait-tcp HOST:PORT"))
+        }
+        None => None,
+    };
+    let etcd = etcd_settings(&args.etcd, env)?;
+    Ok(AnnounceConfig { keys, ttl, wait, etcd })
+}
+
+/// Builds the whole `run` configuration.
+pub fn run_config(args: &RunArgs, env: &dyn Environment) -> Result<RunConfig, UsageError> {
+    let keys = key_values(&args.key, &args.value, &args.extra)?;
     let probe = probe_spec(&args.probe)?;
     let timing = timing(&args.timing, probe.as_ref())?;
     let etcd = etcd_settings(&args.etcd, env)?;
@@ -503,7 +561,7 @@ mod tests {
                 "--timeout 5s must be smaller than --interval 5s",
                 Box::new(move |a| {
                     http(a);
-                    a.probe.timeout = s("5s")
+                    a.probe.options.timeout = s("5s")
                 }),
             ),
             (
@@ -536,7 +594,7 @@ mod tests {
                 "--timeout must be more than 0s",
                 Box::new(move |a| {
                     http(a);
-                    a.probe.timeout = s("0ms")
+                    a.probe.options.timeout = s("0ms")
                 }),
             ),
             (
@@ -563,16 +621,19 @@ mod tests {
             ("--drain: '5' is not a duration", Box::new(|a| a.timing.drain = s("5"))),
             ("--rise needs a probe", Box::new(|a| a.timing.rise = s("3"))),
             ("--interval needs a probe", Box::new(|a| a.timing.interval = s("1s"))),
-            ("--timeout needs a probe", Box::new(|a| a.probe.timeout = s("1s"))),
+            (
+                "--timeout needs a probe",
+                Box::new(|a| a.probe.options.timeout = s("1s")),
+            ),
             (
                 "--expect-status needs a probe",
-                Box::new(|a| a.probe.expect_status = s("200")),
+                Box::new(|a| a.probe.options.expect_status = s("200")),
             ),
             (
                 "--expect-body applies to --http probes only",
                 Box::new(|a| {
                     a.probe.tcp = s("127.0.0.1:80");
-                    a.probe.expect_body = s("ok")
+                    a.probe.options.expect_body = s("ok")
                 }),
             ),
             (
@@ -604,28 +665,28 @@ mod tests {
                 "--expect-status: '600' is not an HTTP status code",
                 Box::new(move |a| {
                     http(a);
-                    a.probe.expect_status = s("200,600")
+                    a.probe.options.expect_status = s("200,600")
                 }),
             ),
             (
                 "--expect-status: range '399-200' runs backwards",
                 Box::new(move |a| {
                     http(a);
-                    a.probe.expect_status = s("399-200")
+                    a.probe.options.expect_status = s("399-200")
                 }),
             ),
             (
                 "--header: 'NoColon' must be 'Name: value'",
                 Box::new(move |a| {
                     http(a);
-                    a.probe.headers = vec!["NoColon".into()]
+                    a.probe.options.headers = vec!["NoColon".into()]
                 }),
             ),
             (
                 "--method: 'GE T' is not an HTTP method",
                 Box::new(move |a| {
                     http(a);
-                    a.probe.method = s("GE T")
+                    a.probe.options.method = s("GE T")
                 }),
             ),
             (
@@ -684,7 +745,7 @@ mod tests {
         let c = ok(&|a| {
             a.probe.http = s("http://127.0.0.1:8080/");
             a.timing.interval = s("200ms");
-            a.probe.timeout = s("100ms");
+            a.probe.options.timeout = s("100ms");
             a.timing.ttl = s("2s");
         });
         assert_eq!(c.timing.interval, Duration::from_millis(200));

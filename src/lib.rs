@@ -13,6 +13,7 @@
 //!   fake stands in for it in unit tests.
 //! - [`sidekick`] ties probe → health → registry together and owns the
 //!   shutdown order; [`shutdown`] turns signals into cancellation.
+//! - [`oneshot`] holds the one-shot etcd commands: announce, withdraw, list.
 //! - [`exit`] is the one place exit codes are defined.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -22,6 +23,7 @@ pub mod config;
 pub mod discover;
 pub mod exit;
 pub mod health;
+pub mod oneshot;
 pub mod probe;
 pub mod registry;
 pub mod shutdown;

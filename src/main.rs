@@ -1,14 +1,17 @@
 //! `sidekick`: parse → config → logging → signals → run → exit code.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process;
 
 use clap::error::ErrorKind;
 use clap::Parser;
-use etcd_sidekick::cli::{CheckArgs, Cli, Command, DiscoverArgs, LogFormat, RunArgs};
-use etcd_sidekick::config::{self, UsageError};
+use etcd_sidekick::cli::{
+    AnnounceArgs, CheckArgs, Cli, Command, DiscoverArgs, ListArgs, LogFormat, RunArgs, WithdrawArgs,
+};
+use etcd_sidekick::config::{self, EtcdSettings, UsageError};
 use etcd_sidekick::discover::SystemEnv;
 use etcd_sidekick::exit::ExitCode;
+use etcd_sidekick::oneshot::{self, Withdrawn};
 use etcd_sidekick::probe::Probe;
 use etcd_sidekick::registry::{connect_options, EtcdRegistry};
 use etcd_sidekick::shutdown;
@@ -72,7 +75,7 @@ fn clap_exit(e: clap::Error) -> ! {
         .join(" ");
     let line = match e.kind() {
         ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            "a command is required: run, check or discover (see --help)"
+            "a command is required: run, check, announce, withdraw, discover or list (see --help)"
         }
         _ => line.trim_start_matches("error: "),
     };
@@ -106,7 +109,10 @@ fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     match command {
         Command::Run(args) => run(args),
         Command::Check(args) => check(args),
+        Command::Announce(args) => announce(args),
+        Command::Withdraw(args) => withdraw(args),
         Command::Discover(args) => discover(args),
+        Command::List(args) => list(args),
     }
 }
 
@@ -121,19 +127,17 @@ fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         .map_err(|e| Failure::Runtime(e.into()))?;
     let d = &cfg.etcd.discovery;
     let endpoints = d.endpoints.join(",");
-    match &args.probe {
-        _ if probe.is_none() => info!(
+    match &cfg.probe {
+        None => info!(
             endpoints = %endpoints,
             rule = %d.rule,
-            "no probe given: announcing unconditionally while running; etcd at {endpoints} (chosen by {})",
-            d.rule
+            "no probe given: announcing unconditionally while running"
         ),
-        p => info!(
+        Some(_) => info!(
             endpoints = %endpoints,
             rule = %d.rule,
-            "probing {}; etcd at {endpoints} (chosen by {})",
-            p.http.as_deref().or(p.tcp.as_deref()).unwrap_or_default(),
-            d.rule
+            "probing {}",
+            args.probe.http.as_deref().or(args.probe.tcp.as_deref()).unwrap_or_default()
         ),
     }
     let plan = Plan {
@@ -165,40 +169,105 @@ fn check(args: CheckArgs) -> Result<ExitCode, Failure> {
     })
 }
 
+/// The registry and time limit of a one-shot command, checked before
+/// anything is sent.
+fn one_shot_registry(settings: &EtcdSettings) -> Result<EtcdRegistry, Failure> {
+    let options = connect_options(settings).map_err(Failure::Usage)?;
+    Ok(EtcdRegistry::new(
+        settings.discovery.endpoints.clone(),
+        options,
+        settings.dial_timeout,
+    ))
+}
+
+fn announce(args: AnnounceArgs) -> Result<ExitCode, Failure> {
+    let cfg = config::announce_config(&args, &SystemEnv)?;
+    let mut reg = one_shot_registry(&cfg.etcd)?;
+    let probe = match &cfg.wait {
+        Some((spec, limit)) => Some((Probe::new(spec).map_err(|e| Failure::Runtime(e.into()))?, *limit)),
+        None => None,
+    };
+    let lease = runtime()?.block_on(async {
+        if let Some((probe, limit)) = probe {
+            let outcome = oneshot::wait_healthy(&probe, limit).await;
+            if !outcome.ok {
+                return Err(Failure::Runtime(anyhow::anyhow!(
+                    "instance not healthy within {}, nothing written: {outcome}",
+                    humantime::format_duration(limit)
+                )));
+            }
+        }
+        oneshot::announce(&mut reg, cfg.etcd.dial_timeout, &cfg.keys, cfg.ttl)
+            .await
+            .map_err(|e| Failure::Runtime(e.into()))
+    })?;
+    if let Some(lease) = lease {
+        println!("{lease}");
+    }
+    Ok(ExitCode::Success)
+}
+
+fn withdraw(args: WithdrawArgs) -> Result<ExitCode, Failure> {
+    if args.key.is_empty() {
+        return Err(Failure::Usage("KEY must not be empty".into()));
+    }
+    let settings = config::etcd_settings(&args.etcd, &SystemEnv)?;
+    let mut reg = one_shot_registry(&settings)?;
+    let limit = settings.dial_timeout;
+    let done = runtime()?.block_on(oneshot::withdraw(
+        &mut reg,
+        limit,
+        &args.key,
+        args.if_value.as_deref(),
+        args.prefix,
+    ));
+    match done.map_err(|e| Failure::Runtime(e.into()))? {
+        Withdrawn::Deleted(n) => println!("deleted {n} key{}", if n == 1 { "" } else { "s" }),
+        Withdrawn::Kept { current } => eprintln!(
+            "sidekick: kept {}: it holds {current:?} now, not {:?}; another instance owns it",
+            args.key,
+            args.if_value.unwrap_or_default()
+        ),
+    }
+    Ok(ExitCode::Success)
+}
+
+fn list(args: ListArgs) -> Result<ExitCode, Failure> {
+    let settings = config::etcd_settings(&args.etcd, &SystemEnv)?;
+    let mut reg = one_shot_registry(&settings)?;
+    let entries = runtime()?
+        .block_on(oneshot::list(&mut reg, settings.dial_timeout, args.prefix.as_deref()))
+        .map_err(|e| Failure::Runtime(e.into()))?;
+    let mut out = std::io::stdout().lock();
+    for e in entries {
+        let line = if args.json {
+            e.to_json()
+        } else {
+            match (e.lease, e.ttl) {
+                (None, _) => format!("{} {} (permanent)", e.key, e.value),
+                (Some(l), Some(ttl)) => format!("{} {} (lease {l}, ttl {ttl}s)", e.key, e.value),
+                (Some(l), None) => format!("{} {} (lease {l}, expiring)", e.key, e.value),
+            }
+        };
+        if writeln!(out, "{line}").is_err() {
+            // stdout closed (e.g. piped into head): nothing more to say.
+            break;
+        }
+    }
+    Ok(ExitCode::Success)
+}
+
 fn discover(args: DiscoverArgs) -> Result<ExitCode, Failure> {
     let settings = config::etcd_settings(&args.etcd, &SystemEnv)?;
-    let options = connect_options(&settings).map_err(Failure::Usage)?;
+    let mut reg = one_shot_registry(&settings)?;
     let d = &settings.discovery;
     println!("{} ({})", d.endpoints.join(","), d.rule);
     if !args.check {
         return Ok(ExitCode::Success);
     }
-    let timeout = settings.dial_timeout;
-    let answer = runtime()?.block_on(async {
-        let mut last = None;
-        for ep in &d.endpoints {
-            let attempt = async {
-                let mut c = etcd_client::Client::connect([ep.as_str()], Some(options.clone())).await?;
-                c.status().await
-            };
-            match tokio::time::timeout(timeout, attempt).await {
-                Ok(Ok(status)) => return Ok((ep.clone(), status.version().to_string())),
-                Ok(Err(e)) => last = Some(format!("{ep}: {e}")),
-                Err(_) => {
-                    last = Some(format!(
-                        "{ep}: no answer within {}",
-                        humantime::format_duration(timeout)
-                    ))
-                }
-            }
-        }
-        Err(last.unwrap_or_default())
-    });
-    match answer {
-        Ok((ep, version)) => {
-            println!("etcd {version} answers at {ep}");
-            Ok(ExitCode::Success)
-        }
-        Err(why) => Err(Failure::Runtime(anyhow::anyhow!("etcd does not answer: {why}"))),
-    }
+    let (endpoint, version) = runtime()?
+        .block_on(oneshot::status(&mut reg, settings.dial_timeout))
+        .map_err(|e| Failure::Runtime(anyhow::Error::new(e).context("etcd does not answer")))?;
+    println!("etcd {version} answers at {endpoint}");
+    Ok(ExitCode::Success)
 }

@@ -97,11 +97,10 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// cause chain says what happened (connection refused, certificate, ...).
 fn describe(err: &reqwest::Error) -> String {
     use std::error::Error;
-    let mut msg = if err.is_timeout() {
-        "timed out".to_string()
-    } else {
-        err.to_string()
-    };
+    if err.is_timeout() {
+        return "timed out".to_string();
+    }
+    let mut msg = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {
         let text = s.to_string();

@@ -42,29 +42,29 @@ pub fn connect_options(settings: &EtcdSettings) -> Result<ConnectOptions, String
 /// or the transport error with its sources, never a debug dump.
 fn cause(err: &Error) -> String {
     use std::error::Error as _;
-    match err {
+    let (mut text, mut source) = match err {
         Error::GRpcStatus(s) => {
             let msg = s.message().trim_start_matches("etcdserver: ");
-            if msg.is_empty() {
+            let text = if msg.is_empty() {
                 s.code().description().to_string()
             } else {
                 format!("{msg} ({})", s.code().description().to_lowercase())
-            }
+            };
+            (text, s.source())
         }
-        other => {
-            let mut text = other.to_string();
-            let mut source = other.source();
-            while let Some(s) = source {
-                let t = s.to_string();
-                if !text.contains(&t) {
-                    text.push_str(": ");
-                    text.push_str(&t);
-                }
-                source = s.source();
-            }
-            text
+        other => (other.to_string(), other.source()),
+    };
+    // The innermost causes say what really happened: connection refused,
+    // certificate unknown, ...
+    while let Some(s) = source {
+        let t = s.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
         }
+        source = s.source();
     }
+    text
 }
 
 fn is_lease_not_found(err: &Error) -> bool {
@@ -127,7 +127,36 @@ impl EtcdRegistry {
     where
         F: AsyncFnOnce(&mut Client) -> Result<T, Error>,
     {
-        let timeout = self.timeout;
+        self.call_within(op, self.timeout, f).await
+    }
+
+    /// Runs `f` once, trying the endpoints in turn until one answers or
+    /// `limit` has passed in all: the one-shot commands use this, so an
+    /// unreachable etcd costs them at most the dial timeout.
+    pub async fn once<T, F>(&mut self, op: &'static str, limit: Duration, f: F) -> Result<T, RegistryError>
+    where
+        F: AsyncFn(&mut Client) -> Result<T, Error>,
+    {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut tries = self.endpoints.len();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.call_within(op, left, async |c| f(c).await).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    tries -= 1;
+                    if tries == 0 || tokio::time::Instant::now() >= deadline {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn call_within<T, F>(&mut self, op: &'static str, timeout: Duration, f: F) -> Result<T, RegistryError>
+    where
+        F: AsyncFnOnce(&mut Client) -> Result<T, Error>,
+    {
         let endpoint = self.endpoints[self.current].clone();
         let attempt = async {
             if self.client.is_none() {

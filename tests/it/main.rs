@@ -3,5 +3,6 @@
 
 mod cli;
 mod harness;
+mod oneshot;
 mod run;
 mod trouble;
