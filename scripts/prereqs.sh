@@ -3,12 +3,18 @@
 #   protoc     etcd-client's build needs it (package protobuf-compiler)
 #   etcd       the real etcd server the tests and the demo start (etcd-server)
 #   etcdctl    the demo shows the keys with it (etcd-client)
+#   haproxy    the end-to-end test puts a real load balancer in front (haproxy)
+#   systemd-analyze   the tests verify the unit templates (systemd)
 
 ensure_prereqs() {
   local missing=()
   command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
   command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
   command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
+  if [ "${PREREQS_FOR:-test}" = test ]; then
+    command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+    command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+  fi
   command -v cargo >/dev/null 2>&1 || {
     echo "cargo is not installed: install the Rust toolchain first (https://rustup.rs)" >&2
     return 1

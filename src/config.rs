@@ -770,6 +770,50 @@ mod tests {
     }
 
     #[test]
+    fn announce_rules() {
+        use crate::cli::{AnnounceArgs, WaitArgs};
+        let args = |f: &dyn Fn(&mut AnnounceArgs)| {
+            let mut a = AnnounceArgs {
+                key: "/k".into(),
+                value: "v".into(),
+                extra: vec![],
+                ttl: None,
+                wait: WaitArgs::default(),
+                etcd: EtcdArgs {
+                    endpoints: s("h:1"),
+                    ..EtcdArgs::default()
+                },
+            };
+            f(&mut a);
+            announce_config(&a, &MapEnv::default())
+        };
+        let c = args(&|_| {}).unwrap();
+        assert_eq!((c.ttl, c.wait.is_none()), (None, true), "permanent, no wait");
+        let c = args(&|a| {
+            a.ttl = s("30s");
+            a.wait.wait_tcp = s("127.0.0.1:80");
+        })
+        .unwrap();
+        assert_eq!(c.ttl, Some(Duration::from_secs(30)));
+        assert_eq!(c.wait.unwrap().1, Duration::from_secs(60), "default --wait-timeout");
+        let cases: &[(&str, &dyn Fn(&mut AnnounceArgs))] = &[
+            ("--ttl 1s must be at least 2s", &|a| a.ttl = s("1s")),
+            ("--wait-timeout needs --wait-http", &|a| a.wait.wait_timeout = s("5s")),
+            ("--wait-http: 'nope' is not a URL", &|a| a.wait.wait_http = s("nope")),
+            ("--wait-tcp: 'h' must be HOST:PORT", &|a| a.wait.wait_tcp = s("h")),
+            ("--expect-body applies to --wait-http probes only", &|a| {
+                a.wait.wait_tcp = s("h:1");
+                a.wait.options.expect_body = s("ok");
+            }),
+            ("--extra: 'x' must be KEY=VALUE", &|a| a.extra = vec!["x".into()]),
+        ];
+        for (want, f) in cases {
+            let got = args(*f).unwrap_err().0;
+            assert!(got.starts_with(want), "want {want:?}, got {got:?}");
+        }
+    }
+
+    #[test]
     fn status_lists_parse() {
         let set: StatusSet = "200, 204,300-302".parse().unwrap();
         for (code, want) in [
