@@ -34,7 +34,8 @@ pub async fn announce(
             .collect()
     };
     reg.once("put the keys", limit, async |c| c.txn(Txn::new().and_then(ops())).await)
-        .await?;
+        .await
+        .map_err(|e| e.writing(keys))?;
     Ok(lease)
 }
 

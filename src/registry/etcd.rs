@@ -237,7 +237,8 @@ impl Registry for EtcdRegistry {
             // One transaction: every key appears in the same revision.
             let ops: Vec<TxnOp> = keys.iter().map(|(k, v)| put(k, v)).collect();
             self.call("put the keys", async |c| c.txn(Txn::new().and_then(ops)).await)
-                .await?;
+                .await
+                .map_err(|e| e.writing(keys))?;
             return Ok(Vec::new());
         }
         let mut held = Vec::new();
@@ -248,7 +249,10 @@ impl Registry for EtcdRegistry {
                 .when([Compare::version(k.as_str(), CompareOp::Equal, 0)])
                 .and_then([put(k, v)])
                 .or_else([TxnOp::get(k.as_str(), None)]);
-            let resp = self.call("put the keys", async |c| c.txn(txn).await).await?;
+            let resp = self
+                .call("put the keys", async |c| c.txn(txn).await)
+                .await
+                .map_err(|e| e.writing(std::slice::from_ref(&(k.clone(), v.clone()))))?;
             if resp.succeeded() {
                 continue;
             }

@@ -43,6 +43,16 @@ pub struct RegistryError {
     pub cause: String,
 }
 
+impl RegistryError {
+    /// Adds the keys being written to the cause, so that a refusal (no
+    /// permission for a prefix, say) names them.
+    pub fn writing(mut self, keys: &[(String, String)]) -> Self {
+        let names: Vec<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
+        self.cause = format!("{} (writing {})", self.cause, names.join(", "));
+        self
+    }
+}
+
 /// The etcd operations of one sidekick. Each call is one attempt; the caller
 /// bounds its time, retries and backs off.
 #[allow(async_fn_in_trait)]

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, KeyValue};
+use etcd_client::{Client, ConnectOptions, KeyValue};
 use tempfile::TempDir;
 
 /// A loopback port nobody listens on, never handed out twice in this run.
@@ -68,6 +68,12 @@ pub struct Etcd {
     members: Vec<Member>,
     dir: TempDir,
     token: String,
+    /// `http` or `https` for the client URLs.
+    scheme: &'static str,
+    /// More etcd flags (TLS files, ...), given to every member.
+    extra: Vec<String>,
+    /// How the test's own clients connect (TLS material).
+    options: Option<ConnectOptions>,
 }
 
 impl Etcd {
@@ -78,6 +84,16 @@ impl Etcd {
 
     /// `n` members on loopback.
     pub async fn cluster(n: usize) -> Etcd {
+        Self::launch(n, "http", Vec::new(), None).await
+    }
+
+    /// One member serving clients over TLS: `extra` carries etcd's TLS
+    /// flags, `options` the test's own client certificates.
+    pub async fn start_tls(extra: Vec<String>, options: ConnectOptions) -> Etcd {
+        Self::launch(1, "https", extra, Some(options)).await
+    }
+
+    async fn launch(n: usize, scheme: &'static str, extra: Vec<String>, options: Option<ConnectOptions>) -> Etcd {
         let dir = tempfile::tempdir().unwrap();
         let members = (0..n)
             .map(|i| Member {
@@ -91,6 +107,9 @@ impl Etcd {
             members,
             dir,
             token: format!("t{}", free_port()),
+            scheme,
+            extra,
+            options,
         };
         for i in 0..n {
             etcd.spawn(i);
@@ -112,7 +131,7 @@ impl Etcd {
             .append(true)
             .open(self.dir.path().join(format!("{}.log", m.name)))
             .unwrap();
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let client = format!("{}://127.0.0.1:{}", self.scheme, m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let child = Command::new("etcd")
             .args(["--name", &m.name, "--data-dir"])
@@ -126,6 +145,7 @@ impl Etcd {
                 &self.token,
             ])
             .args(["--initial-cluster-state", "new"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -142,7 +162,7 @@ impl Etcd {
             let url = self.url(i);
             let ok = eventually(Duration::from_secs(30), || async {
                 let attempt = async {
-                    let mut c = Client::connect([url.as_str()], None).await.ok()?;
+                    let mut c = Client::connect([url.as_str()], self.options.clone()).await.ok()?;
                     c.get("ready-check", None).await.ok()
                 };
                 matches!(tokio::time::timeout(Duration::from_secs(2), attempt).await, Ok(Some(_)))
@@ -154,7 +174,7 @@ impl Etcd {
 
     /// The client URL of member `i`.
     pub fn url(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client_port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.members[i].client_port)
     }
 
     /// Every client URL, comma-separated, for `--endpoints`.
@@ -205,7 +225,7 @@ impl Etcd {
 
     /// A client of member `i`.
     pub async fn client(&self, i: usize) -> Client {
-        Client::connect([self.url(i)], None).await.unwrap()
+        Client::connect([self.url(i)], self.options.clone()).await.unwrap()
     }
 }
 
@@ -367,9 +387,15 @@ pub struct Running {
 impl Running {
     /// Starts `sidekick ARGS` with `RUST_LOG=debug`.
     pub fn start(args: &[&str]) -> Running {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Starts `sidekick ARGS` with `RUST_LOG=debug` and more variables.
+    pub fn start_with_env(args: &[&str], vars: &[(&str, &str)]) -> Running {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("sidekick.log");
         let child = sidekick(args)
+            .envs(vars.iter().copied())
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

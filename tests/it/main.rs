@@ -5,4 +5,5 @@ mod cli;
 mod harness;
 mod oneshot;
 mod run;
+mod security;
 mod trouble;

@@ -1,0 +1,385 @@
+//! TLS and authentication to a real etcd, and secrets kept out of every
+//! output. Certificates are made by the test.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, Permission, TlsOptions};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+
+use crate::harness::*;
+
+const KEY: &str = "/services/web/1";
+const SEC: Duration = Duration::from_secs(1);
+
+/// A CA and the PEM files it signed, in a temp dir.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "sidekick test ca");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        for (name, sans, usage) in [
+            (
+                "server",
+                vec!["127.0.0.1".to_string(), "localhost".to_string()],
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ),
+            (
+                "client",
+                vec!["sidekick".to_string()],
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ),
+        ] {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(sans).unwrap();
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.extended_key_usages = vec![usage];
+            let cert = p.signed_by(&key, &issuer).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn arg(&self, name: &str) -> String {
+        self.path(name).to_str().unwrap().to_string()
+    }
+
+    /// The test's own client options: our CA and the client certificate.
+    fn client_options(&self) -> ConnectOptions {
+        let read = |n: &str| std::fs::read(self.path(n)).unwrap();
+        ConnectOptions::new().with_tls(
+            TlsOptions::new()
+                .ca_certificate(Certificate::from_pem(read("ca.pem")))
+                .identity(Identity::from_pem(read("client.pem"), read("client.key"))),
+        )
+    }
+
+    /// etcd's flags: serve TLS with the server certificate, require client
+    /// certificates signed by our CA.
+    fn etcd_flags(&self) -> Vec<String> {
+        vec![
+            "--cert-file".into(),
+            self.arg("server.pem"),
+            "--key-file".into(),
+            self.arg("server.key"),
+            "--client-cert-auth".into(),
+            "--trusted-ca-file".into(),
+            self.arg("ca.pem"),
+        ]
+    }
+}
+
+fn run_args<'a>(eps: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "run",
+        KEY,
+        "10.0.0.5:8080",
+        "--ttl",
+        "2s",
+        "--dial-timeout",
+        "1s",
+        "--endpoints",
+        eps,
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[tokio::test]
+async fn tls_with_client_certificates() {
+    let pki = Pki::new();
+    let etcd = Etcd::start_tls(pki.etcd_flags(), pki.client_options()).await;
+    let eps = etcd.endpoints();
+    assert!(eps.starts_with("https://"));
+    let (ca, cert, key) = (pki.arg("ca.pem"), pki.arg("client.pem"), pki.arg("client.key"));
+    let mut sk = Running::start(&run_args(&eps, &["--cacert", &ca, "--cert", &cert, "--key", &key]));
+    let mut c = etcd.client(0).await;
+    assert!(
+        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
+        "{}",
+        sk.log()
+    );
+    sk.signal("TERM");
+    assert_eq!(sk.exit_within(10 * SEC).await.unwrap().code(), Some(0));
+    assert!(get(&mut c, KEY).await.is_none(), "revoked over TLS");
+
+    // etcdctl's variable names work too.
+    let out = sidekick(&["announce", "/services/web/2", "v", "--endpoints", &eps])
+        .env("ETCDCTL_CACERT", &ca)
+        .env("ETCDCTL_CERT", &cert)
+        .env("ETCDCTL_KEY", &key)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(value(&mut c, "/services/web/2").await.as_deref(), Some("v"));
+}
+
+#[tokio::test]
+async fn tls_with_the_wrong_ca_or_no_client_certificate_is_a_clear_error_and_retried() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    let etcd = Etcd::start_tls(pki.etcd_flags(), pki.client_options()).await;
+    let eps = etcd.endpoints();
+    let (cert, key) = (pki.arg("client.pem"), pki.arg("client.key"));
+
+    // Our client certificate, but a CA that did not sign etcd's.
+    let wrong_ca = other.arg("ca.pem");
+    let mut sk = Running::start(&run_args(
+        &eps,
+        &["--cacert", &wrong_ca, "--cert", &cert, "--key", &key],
+    ));
+    assert!(
+        eventually(10 * SEC, || async { sk.log().contains("could not grant a lease") }).await,
+        "{}",
+        sk.log()
+    );
+    tokio::time::sleep(2 * SEC).await;
+    assert!(sk.alive(), "retries, never exits: {}", sk.log());
+    let log = sk.log();
+    let line = log.lines().find(|l| l.contains("could not grant a lease")).unwrap();
+    assert!(
+        line.to_lowercase().contains("certificate"),
+        "names the certificate problem: {line}"
+    );
+    let mut c = etcd.client(0).await;
+    assert!(get(&mut c, KEY).await.is_none());
+    sk.signal("TERM");
+    assert_eq!(sk.exit_within(10 * SEC).await.unwrap().code(), Some(0));
+
+    // The right CA but no client certificate: etcd refuses us.
+    let ca = pki.arg("ca.pem");
+    let out = sidekick(&[
+        "announce",
+        KEY,
+        "v",
+        "--cacert",
+        &ca,
+        "--dial-timeout",
+        "2s",
+        "--endpoints",
+        &eps,
+    ])
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    // A TLS file that cannot be read is a usage error before any contact.
+    let out = sidekick(&[
+        "announce",
+        KEY,
+        "v",
+        "--cacert",
+        "/nonexistent/ca.pem",
+        "--endpoints",
+        &eps,
+    ])
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("sidekick: --cacert: cannot read /nonexistent/ca.pem"),
+        "{stderr}"
+    );
+}
+
+/// Enables auth: `root`, and `svc` with read-write on `/services/` only.
+async fn enable_auth(c: &mut Client) {
+    c.user_add("root", "root-secret-pw", None).await.unwrap();
+    c.user_grant_role("root", "root").await.unwrap();
+    c.role_add("svc").await.unwrap();
+    c.role_grant_permission("svc", Permission::read_write("/services/").with_prefix())
+        .await
+        .unwrap();
+    c.user_add("svc", "svc-Secret-4711", None).await.unwrap();
+    c.user_grant_role("svc", "svc").await.unwrap();
+    c.auth_enable().await.unwrap();
+}
+
+async fn root_client(etcd: &Etcd) -> Client {
+    let opts = ConnectOptions::new().with_user("root", "root-secret-pw");
+    Client::connect([etcd.url(0)], Some(opts)).await.unwrap()
+}
+
+#[tokio::test]
+async fn auth_with_a_role_limited_to_a_prefix() {
+    let etcd = Etcd::start().await;
+    enable_auth(&mut etcd.client(0).await).await;
+    let eps = etcd.endpoints();
+    let root = root_client(&etcd).await;
+
+    // The password from SIDEKICK_PASSWORD, the safe way.
+    let env = [("SIDEKICK_PASSWORD", "svc-Secret-4711")];
+    let mut sk = Running::start_with_env(&run_args(&eps, &["--user", "svc"]), &env);
+    assert!(
+        key_becomes(&root, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
+        "{}",
+        sk.log()
+    );
+    sk.signal("TERM");
+    assert_eq!(sk.exit_within(10 * SEC).await.unwrap().code(), Some(0));
+    assert!(key_becomes(&root, KEY, None, SEC).await, "{}", sk.log());
+
+    // Outside the permitted prefix: a clear error naming the key.
+    let out = sidekick(&["announce", "/other/x", "v", "--user", "svc", "--endpoints", &eps])
+        .env("SIDEKICK_PASSWORD", "svc-Secret-4711")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("permission denied") && stderr.contains("/other/x"),
+        "{stderr}"
+    );
+
+    // `run` keeps trying, and says why, naming the key.
+    let mut sk = Running::start_with_env(
+        &[
+            "run",
+            "/other/x",
+            "v",
+            "--ttl",
+            "2s",
+            "--user",
+            "svc",
+            "--endpoints",
+            &eps,
+        ],
+        &[("SIDEKICK_PASSWORD", "svc-Secret-4711")],
+    );
+    assert!(
+        eventually(10 * SEC, || async {
+            sk.log()
+                .lines()
+                .any(|l| l.contains("permission denied") && l.contains("/other/x"))
+        })
+        .await,
+        "{}",
+        sk.log()
+    );
+    assert!(sk.alive());
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_a_clear_error_and_retried() {
+    let etcd = Etcd::start().await;
+    enable_auth(&mut etcd.client(0).await).await;
+    let eps = etcd.endpoints();
+    let mut sk = Running::start_with_env(
+        &run_args(&eps, &["--user", "svc"]),
+        &[("SIDEKICK_PASSWORD", "wrong-pw-123")],
+    );
+    assert!(
+        eventually(10 * SEC, || async { sk.log().contains("authentication failed") }).await,
+        "{}",
+        sk.log()
+    );
+    tokio::time::sleep(2 * SEC).await;
+    assert!(sk.alive(), "{}", sk.log());
+    assert!(!sk.log().contains("wrong-pw-123"), "the password is never logged");
+}
+
+#[tokio::test]
+async fn secrets_never_appear_in_logs_errors_or_help() {
+    let etcd = Etcd::start().await;
+    enable_auth(&mut etcd.client(0).await).await;
+    let eps = etcd.endpoints();
+    let root = root_client(&etcd).await;
+    let secret = "svc-Secret-4711";
+    let dir = tempfile::tempdir().unwrap();
+
+    // A whole life cycle at trace level, password from the environment.
+    let log = dir.path().join("trace.log");
+    let mut child = sidekick(&run_args(&eps, &["--user", "svc"]))
+        .env("SIDEKICK_PASSWORD", secret)
+        .env("RUST_LOG", "trace")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(key_becomes(&root, KEY, Some("10.0.0.5:8080"), 10 * SEC).await);
+    signal(child.id(), "TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_no_secret(&log, secret);
+
+    // Inline NAME:PASS, a wrong password, a failing command, --help: none
+    // of their outputs carries the password.
+    let outputs = [
+        sidekick(&[
+            "announce",
+            "/other/x",
+            "v",
+            "--user",
+            &format!("svc:{secret}"),
+            "--endpoints",
+            &eps,
+        ])
+        .output(),
+        sidekick(&[
+            "announce",
+            "/other/x",
+            "v",
+            "--user",
+            "svc",
+            "--password",
+            secret,
+            "--endpoints",
+            &eps,
+        ])
+        .output(),
+        sidekick(&["list", "/", "--user", "svc", "--endpoints", &eps])
+            .env("ETCDCTL_PASSWORD", secret)
+            .output(),
+        sidekick(&["run", "--help"])
+            .env("SIDEKICK_PASSWORD", secret)
+            .env("ETCDCTL_USER", "svc")
+            .output(),
+        sidekick(&[
+            "run",
+            KEY,
+            "v",
+            "--ttl",
+            "1s",
+            "--user",
+            "svc",
+            "--password",
+            secret,
+            "--endpoints",
+            &eps,
+        ])
+        .output(),
+    ];
+    for (i, out) in outputs.into_iter().enumerate() {
+        let out = out.unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!all.contains(secret), "output {i} carries the password: {all}");
+    }
+}
+
+fn assert_no_secret(log: &Path, secret: &str) {
+    let text = std::fs::read_to_string(log).unwrap();
+    assert!(text.lines().count() > 20, "a trace log was written: {text}");
+    assert!(!text.contains(secret), "the password is in the trace log");
+}
