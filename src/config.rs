@@ -796,7 +796,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.ttl, Some(Duration::from_secs(30)));
         assert_eq!(c.wait.unwrap().1, Duration::from_secs(60), "default --wait-timeout");
-        let cases: &[(&str, &dyn Fn(&mut AnnounceArgs))] = &[
+        type Case<'a> = (&'a str, &'a dyn Fn(&mut AnnounceArgs));
+        let cases: &[Case] = &[
             ("--ttl 1s must be at least 2s", &|a| a.ttl = s("1s")),
             ("--wait-timeout needs --wait-http", &|a| a.wait.wait_timeout = s("5s")),
             ("--wait-http: 'nope' is not a URL", &|a| a.wait.wait_http = s("nope")),
