@@ -14,8 +14,24 @@ use crate::discover::{self, Discovery, Environment};
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+impl UsageError {
+    /// A usage error; control characters (a newline in a flag's value, say)
+    /// are escaped so the message stays one line.
+    pub fn new(msg: impl Into<String>) -> Self {
+        let mut out = String::new();
+        for c in msg.into().chars() {
+            if c.is_control() {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+        }
+        UsageError(out)
+    }
+}
+
 fn usage(msg: impl Into<String>) -> UsageError {
-    UsageError(msg.into())
+    UsageError::new(msg)
 }
 
 /// Everything `sidekick run` needs.

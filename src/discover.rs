@@ -45,6 +45,8 @@ pub struct MapEnv {
     pub vars: HashMap<String, String>,
     /// Files by path.
     pub files: HashMap<String, String>,
+    /// Paths that exist but cannot be read.
+    pub unreadable: Vec<String>,
 }
 
 impl Environment for MapEnv {
@@ -52,6 +54,9 @@ impl Environment for MapEnv {
         self.vars.get(name).cloned().filter(|v| !v.trim().is_empty())
     }
     fn read_file(&self, path: &str) -> std::io::Result<String> {
+        if self.unreadable.iter().any(|p| p == path) {
+            return Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        }
         self.files
             .get(path)
             .cloned()
@@ -110,18 +115,20 @@ pub fn parse_endpoints(source: &str, raw: &str) -> Result<Vec<String>, UsageErro
         } else {
             format!("http://{part}")
         };
-        let ok = reqwest::Url::parse(&url)
-            .map(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty()))
-            .unwrap_or(false);
+        // The URL parser drops tabs and newlines silently; refuse them here.
+        let ok = !part.contains(|c: char| c.is_whitespace() || c.is_control())
+            && reqwest::Url::parse(&url)
+                .map(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty()))
+                .unwrap_or(false);
         if !ok {
-            return Err(UsageError(format!(
+            return Err(UsageError::new(format!(
                 "{source}: '{part}' must be an http:// or https:// URL, or HOST:PORT"
             )));
         }
         out.push(url.trim_end_matches('/').to_string());
     }
     if out.is_empty() {
-        return Err(UsageError(format!("{source}: no endpoint given")));
+        return Err(UsageError::new(format!("{source}: no endpoint given")));
     }
     Ok(out)
 }
@@ -208,7 +215,14 @@ pub fn discover(flag: Option<&str>, env_file: Option<&str>, env: &dyn Environmen
                 }
             }
         }
-        Err(e) if explicit => return Err(UsageError(format!("--env-file: cannot read {path}: {e}"))),
+        Err(e) if explicit => return Err(UsageError::new(format!("--env-file: cannot read {path}: {e}"))),
+        // A default file that exists but cannot be read (root-only, with
+        // DynamicUser=) must not send us on to the default gateway.
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(UsageError::new(format!(
+                "cannot read {path}: {e}; make it readable, or give --env-file or --endpoints"
+            )))
+        }
         Err(_) => {}
     }
     if let Some(gw) = env
@@ -241,6 +255,7 @@ eth0\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0
         MapEnv {
             vars: vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             files: files.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            unreadable: Vec::new(),
         }
     }
 
@@ -309,6 +324,18 @@ eth0\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0
     }
 
     #[test]
+    fn an_unreadable_default_env_file_is_an_error_not_a_fall_through() {
+        let mut e = env(&[], &[("/proc/net/route", ROUTES)]);
+        e.unreadable.push(DEFAULT_ENV_FILE.into());
+        let err = discover(None, None, &e).unwrap_err();
+        assert!(
+            err.0
+                .starts_with("cannot read /etc/etcd.environment: permission denied"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn env_file_lines() {
         let vars = parse_env_file("A=1\n  # c\n; c\nexport B='two words'\nC=\"q\"\nnoequals\nD = spaced \n");
         assert_eq!(vars.get("A").unwrap(), "1");
@@ -342,7 +369,7 @@ eth0\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0
             parse_endpoints("x", "h:1,https://g:2/").unwrap(),
             vec!["http://h:1", "https://g:2"]
         );
-        for bad in ["", " , ", "ftp://h:1", "http://"] {
+        for bad in ["", " , ", "ftp://h:1", "http://", "http://a\nb", "h\t:1"] {
             assert!(parse_endpoints("x", bad).is_err(), "{bad:?}");
         }
     }

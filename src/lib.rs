@@ -24,6 +24,8 @@ pub mod discover;
 pub mod exit;
 pub mod health;
 pub mod oneshot;
+#[cfg(test)]
+mod parse_props;
 pub mod probe;
 pub mod registry;
 pub mod shutdown;

@@ -7,3 +7,4 @@ mod oneshot;
 mod run;
 mod security;
 mod trouble;
+mod units;
