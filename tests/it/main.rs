@@ -2,6 +2,7 @@
 //! started on free loopback ports. One test binary keeps link time down.
 
 mod cli;
+mod faults;
 mod harness;
 mod oneshot;
 mod run;
