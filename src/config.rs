@@ -90,10 +90,18 @@ pub enum ProbeTarget {
 /// Options of an HTTP probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpSpec {
-    /// The URL requested.
-    pub url: reqwest::Url,
+    /// `https://` rather than `http://`.
+    pub https: bool,
+    /// Host to connect to (an IPv6 address without brackets).
+    pub host: String,
+    /// Port to connect to (the scheme's default when the URL has none).
+    pub port: u16,
+    /// `host[:port]` as written in the URL, for the Host header.
+    pub authority: String,
+    /// Path and query, at least `/`.
+    pub path: String,
     /// HTTP method.
-    pub method: reqwest::Method,
+    pub method: http::Method,
     /// Healthy status codes.
     pub expect_status: StatusSet,
     /// Substring the body must contain.
@@ -207,11 +215,11 @@ pub fn parse_header(raw: &str) -> Result<(String, String), UsageError> {
     let bad = || usage(format!("--header: '{raw}' must be 'Name: value'"));
     let (name, value) = raw.split_once(':').ok_or_else(bad)?;
     let name = name.trim();
-    if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
         return Err(bad());
     }
     let value = value.trim();
-    if reqwest::header::HeaderValue::from_str(value).is_err() {
+    if http::HeaderValue::from_str(value).is_err() {
         return Err(usage(format!(
             "--header: the value of '{name}' has characters a header cannot carry"
         )));
@@ -231,14 +239,45 @@ pub fn parse_host_port(flag: &str, raw: &str) -> Result<(String, u16), UsageErro
     Ok((host.to_string(), port))
 }
 
-fn parse_http_url(flag: &str, raw: &str) -> Result<reqwest::Url, UsageError> {
-    let url = reqwest::Url::parse(raw).map_err(|e| usage(format!("{flag}: '{raw}' is not a URL ({e})")))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
-        return Err(usage(format!(
+/// An `http://` or `https://` URL with a host: scheme, host, port,
+/// authority and path.
+pub fn parse_url(flag: &str, raw: &str) -> Result<(bool, String, u16, String, String), UsageError> {
+    let bad = || {
+        usage(format!(
             "{flag}: '{raw}' must be an http:// or https:// URL with a host"
-        )));
+        ))
+    };
+    if raw.contains(|c: char| c.is_whitespace() || c.is_control()) {
+        return Err(bad());
     }
-    Ok(url)
+    let uri: http::Uri = raw.parse().map_err(|_| bad())?;
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(bad()),
+    };
+    let authority = uri.authority().ok_or_else(bad)?;
+    if authority.as_str().contains('@') {
+        return Err(usage(format!("{flag}: '{raw}' must not carry user:password@")));
+    }
+    let host = authority.host();
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if host.is_empty() {
+        return Err(bad());
+    }
+    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+    if port == 0 {
+        return Err(bad());
+    }
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let path = if path.is_empty() { "/" } else { path };
+    Ok((
+        https,
+        host.to_string(),
+        port,
+        authority.as_str().to_string(),
+        path.to_string(),
+    ))
 }
 
 impl ProbeOptions {
@@ -284,13 +323,18 @@ fn target_spec(
                 Some(s) => s.parse().map_err(|e| usage(format!("--expect-status: {e}")))?,
             };
             let method = match &opts.method {
-                None => reqwest::Method::GET,
-                Some(m) => reqwest::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                None => http::Method::GET,
+                Some(m) => http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
                     .map_err(|_| usage(format!("--method: '{m}' is not an HTTP method")))?,
             };
             let headers = opts.headers.iter().map(|h| parse_header(h)).collect::<Result<_, _>>()?;
+            let (https, host, port, authority, path) = parse_url(http_flag, url)?;
             ProbeTarget::Http(HttpSpec {
-                url: parse_http_url(http_flag, url)?,
+                https,
+                host,
+                port,
+                authority,
+                path,
                 method,
                 expect_status,
                 expect_body: opts.expect_body.clone(),
@@ -562,7 +606,11 @@ mod tests {
         let ProbeTarget::Http(h) = p.target else {
             panic!("not http")
         };
-        assert_eq!(h.method, reqwest::Method::GET);
+        assert_eq!(h.method, http::Method::GET);
+        assert_eq!(
+            (h.host.as_str(), h.port, h.path.as_str()),
+            ("127.0.0.1", 8080, "/health")
+        );
         assert!(h.expect_status.contains(200) && h.expect_status.contains(399));
         assert!(!h.expect_status.contains(400) && !h.expect_status.contains(199));
         assert_eq!(c.etcd.dial_timeout, Duration::from_secs(5));
@@ -664,7 +712,7 @@ mod tests {
                 Box::new(|a| a.probe.http = s("localhost:8080/health")),
             ),
             (
-                "--http: 'http://' is not a URL",
+                "--http: 'http://' must be an http:// or https:// URL",
                 Box::new(|a| a.probe.http = s("http://")),
             ),
             (
@@ -816,7 +864,9 @@ mod tests {
         let cases: &[Case] = &[
             ("--ttl 1s must be at least 2s", &|a| a.ttl = s("1s")),
             ("--wait-timeout needs --wait-http", &|a| a.wait.wait_timeout = s("5s")),
-            ("--wait-http: 'nope' is not a URL", &|a| a.wait.wait_http = s("nope")),
+            ("--wait-http: 'nope' must be an http:// or https:// URL", &|a| {
+                a.wait.wait_http = s("nope")
+            }),
             ("--wait-tcp: 'h' must be HOST:PORT", &|a| a.wait.wait_tcp = s("h")),
             ("--expect-body applies to --wait-http probes only", &|a| {
                 a.wait.wait_tcp = s("h:1");

@@ -115,12 +115,7 @@ pub fn parse_endpoints(source: &str, raw: &str) -> Result<Vec<String>, UsageErro
         } else {
             format!("http://{part}")
         };
-        // The URL parser drops tabs and newlines silently; refuse them here.
-        let ok = !part.contains(|c: char| c.is_whitespace() || c.is_control())
-            && reqwest::Url::parse(&url)
-                .map(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty()))
-                .unwrap_or(false);
-        if !ok {
+        if crate::config::parse_url(source, &url).is_err() {
             return Err(UsageError::new(format!(
                 "{source}: '{part}' must be an http:// or https:// URL, or HOST:PORT"
             )));

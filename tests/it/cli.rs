@@ -247,3 +247,89 @@ async fn discover_check_asks_etcd() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.starts_with("sidekick: etcd does not answer: "), "{stderr}");
 }
+
+/// An HTTPS server with a self-signed certificate, answering 200 "ok".
+fn https_server() -> std::net::SocketAddr {
+    use std::sync::Arc;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], der)
+        .unwrap();
+    let config = Arc::new(config);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for tcp in listener.incoming().take(4) {
+            let Ok(mut tcp) = tcp else { continue };
+            let mut conn = rustls::ServerConnection::new(config.clone()).unwrap();
+            let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+            let mut buf = [0u8; 4096];
+            if tls.read(&mut buf).is_ok() {
+                let _ = tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
+                let _ = tls.flush();
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn https_probes_verify_the_certificate_unless_insecure() {
+    let url = format!("https://{}/", https_server());
+    let out = sidekick(&["check", "--http", &url, "--insecure", "--expect-body", "ok"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.starts_with("healthy: HTTP 200, body matched"), "{stdout}");
+
+    let out = sidekick(&["check", "--http", &url]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("TLS handshake") && stdout.contains("certificate"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn chunked_and_unframed_bodies_are_searched() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for (i, conn) in listener.incoming().take(2).enumerate() {
+            let mut conn = conn.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let resp: &[u8] = if i == 0 {
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nstatu\r\n6\r\ns: gre\r\n2\r\nen\r\n0\r\n\r\n"
+            } else {
+                b"HTTP/1.0 200 OK\r\n\r\nstatus: green"
+            };
+            let _ = conn.write_all(resp);
+        }
+    });
+    for _ in 0..2 {
+        let out = sidekick(&[
+            "check",
+            "--http",
+            &format!("http://{addr}/"),
+            "--expect-body",
+            "status: green",
+        ])
+        .output()
+        .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    }
+}

@@ -3,6 +3,7 @@
 
 mod cli;
 mod faults;
+mod haproxy;
 mod harness;
 mod oneshot;
 mod run;

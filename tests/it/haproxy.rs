@@ -1,0 +1,384 @@
+//! End to end with a real HAProxy: two sidekicks keep two backends in etcd,
+//! `examples/haproxy/render` turns `sidekick list` into an HAProxy
+//! configuration, and HAProxy (master-worker mode, reloaded through its
+//! master socket as `systemctl reload` would) sends traffic only to the
+//! backends whose keys exist.
+//!
+//! Which backend answered a proxied request is told two ways: an unhealthy
+//! backend answers 503 to every request, so a 200 through HAProxy cannot
+//! come from it; and each backend counts the connections it accepts, of
+//! which the sidekick's own probes (one per interval at most) are
+//! subtracted with a generous bound. HAProxy's own health checks are off, so
+//! only the rendered server list decides where traffic goes.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::harness::*;
+
+const PREFIX: &str = "/services/web/";
+const SEC: Duration = Duration::from_secs(1);
+/// The sidekicks' probe interval; jitter only shortens it, by up to 10 %.
+const INTERVAL: Duration = Duration::from_millis(200);
+/// Requests sent through HAProxy in each phase.
+const REQUESTS: u64 = 40;
+
+/// The `haproxy` binary, or a failure that says how to get it.
+fn haproxy_bin() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into(), "/usr/local/sbin".into()])
+        .map(|d| d.join("haproxy"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "haproxy is not installed, and this test needs a real one: \
+                 apt-get install haproxy (scripts/prereqs.sh installs it when run as root)"
+            )
+        })
+}
+
+/// Runs `examples/haproxy/render PREFIX CFG --endpoints EPS` with the
+/// frontend on `port` and the stats socket in `dir`.
+fn render(cfg: &Path, dir: &Path, port: u16, endpoints: &str) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/haproxy/render");
+    let mut cmd = Command::new("bash");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SIDEKICK_") || k.starts_with("ETCDCTL_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    for k in ["BACKEND_NAME", "SERVER_OPTS", "HAPROXY_CHECK"] {
+        cmd.env_remove(k);
+    }
+    let out = cmd
+        .arg(script)
+        .arg(PREFIX)
+        .arg(cfg)
+        .args(["--endpoints", endpoints])
+        .env("SIDEKICK", env!("CARGO_BIN_EXE_sidekick"))
+        .env("SIDEKICK_ENV_FILE", "/nonexistent/etcd.environment")
+        .env("FRONTEND_ADDR", "127.0.0.1")
+        .env("FRONTEND_PORT", port.to_string())
+        .env("STATS_SOCKET", dir.join("stats.sock"))
+        .env("MASTER_WORKER", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("bash runs examples/haproxy/render");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "render failed ({}):\n{stderr}", out.status);
+    std::fs::read_to_string(cfg).unwrap()
+}
+
+/// An HAProxy master process we started, with its workers; stopped on drop.
+struct Haproxy {
+    child: Option<Child>,
+    master: PathBuf,
+    log: PathBuf,
+    port: u16,
+}
+
+impl Haproxy {
+    /// `haproxy -W -S DIR/master.sock -f CFG`, in the foreground; waits until
+    /// a worker serves the frontend.
+    async fn start(bin: &Path, cfg: &Path, dir: &Path, port: u16) -> Haproxy {
+        let master = dir.join("master.sock");
+        let log = dir.join("haproxy.log");
+        let child = Command::new(bin)
+            .arg("-W")
+            .arg("-S")
+            .arg(&master)
+            .arg("-f")
+            .arg(cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("haproxy starts");
+        let mut h = Haproxy {
+            child: Some(child),
+            master,
+            log,
+            port,
+        };
+        let up = eventually(10 * SEC, || {
+            let ok = h.workers().is_some_and(|w| !w.is_empty()) && TcpStream::connect(("127.0.0.1", port)).is_ok();
+            async move { ok }
+        })
+        .await;
+        h.assert_alive();
+        assert!(up, "haproxy did not start serving on {port}:\n{}", h.log());
+        h
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn assert_alive(&mut self) {
+        if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("haproxy exited ({st}):\n{}", self.log());
+        }
+    }
+
+    /// One command on the master CLI; `None` while the master does not
+    /// answer (it re-executes itself on reload).
+    fn cli(&self, command: &str) -> Option<String> {
+        let mut s = UnixStream::connect(&self.master).ok()?;
+        s.set_read_timeout(Some(2 * SEC)).ok()?;
+        s.set_write_timeout(Some(2 * SEC)).ok()?;
+        s.write_all(format!("{command}\n").as_bytes()).ok()?;
+        // The CLI answers once our side is closed for writing.
+        s.shutdown(std::net::Shutdown::Write).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    }
+
+    /// PIDs of the workers, current and old, from `show proc`.
+    fn workers(&self) -> Option<BTreeSet<u32>> {
+        let out = self.cli("show proc")?;
+        Some(
+            out.lines()
+                .filter_map(|l| {
+                    let mut f = l.split_whitespace();
+                    let pid = f.next()?.parse().ok()?;
+                    (f.next()? == "worker").then_some(pid)
+                })
+                .collect(),
+        )
+    }
+
+    /// Reloads the configuration through the master socket and waits until
+    /// only workers started by this reload remain, so every later request is
+    /// served with the new configuration.
+    async fn reload(&mut self) {
+        let old = self.workers().expect("the master CLI answers");
+        assert!(!old.is_empty(), "haproxy has a worker before the reload");
+        // The master re-executes itself and may drop this connection.
+        let _ = self.cli("reload");
+        let done = eventually(10 * SEC, || {
+            let ok = self.workers().is_some_and(|w| !w.is_empty() && w.is_disjoint(&old));
+            async move { ok }
+        })
+        .await;
+        self.assert_alive();
+        assert!(
+            done,
+            "haproxy did not replace workers {old:?} within 10s:\n{}",
+            self.log()
+        );
+    }
+
+    /// The servers of backend `web` in the running worker: (name, addr:port).
+    fn servers(&self) -> BTreeSet<(String, String)> {
+        let out = self.cli("@1 show servers state web").expect("the master CLI answers");
+        let header: Vec<&str> = out
+            .lines()
+            .find_map(|l| l.strip_prefix("# be_id"))
+            .map(|rest| std::iter::once("be_id").chain(rest.split_whitespace()).collect())
+            .unwrap_or_else(|| panic!("no header in 'show servers state':\n{out}"));
+        let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+        let (name, addr, port) = (col("srv_name"), col("srv_addr"), col("srv_port"));
+        out.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|f| f.len() == header.len() && !f[0].starts_with('#'))
+            .map(|f| (f[name].to_string(), format!("{}:{}", f[addr], f[port])))
+            .collect()
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGTERM lets the master stop its workers; SIGKILL if it does not.
+            if c.try_wait().ok().flatten().is_none() {
+                signal(c.id(), "TERM");
+                let deadline = Instant::now() + 5 * SEC;
+                while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One HTTP/1.0 GET through the frontend: the status code and the body, or
+/// what went wrong.
+fn get_through(port: u16, path: &str) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(5 * SEC)).unwrap();
+    s.set_write_timeout(Some(5 * SEC)).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: web.test\r\nConnection: close\r\n\r\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no header end: {text:?}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status: {head:?}"))?;
+    Ok((code, body.to_string()))
+}
+
+/// What one burst of requests did.
+#[derive(Debug)]
+struct Burst {
+    /// Answers other than `200 ok`.
+    bad: Vec<String>,
+    /// Connections each backend accepted during the burst, probes included.
+    hits: [u64; 2],
+    /// The most probe connections one backend can have accepted in that
+    /// time: probes start at least 0.9 × interval apart, plus one at each
+    /// edge of the window.
+    probe_bound: u64,
+}
+
+fn burst(port: u16, backends: [&Backend; 2]) -> Burst {
+    let before = backends.map(Backend::hits);
+    let start = Instant::now();
+    let mut bad = Vec::new();
+    for i in 0..REQUESTS {
+        match get_through(port, &format!("/r{i}")) {
+            Ok((200, body)) if body == "ok\n" => {}
+            Ok((code, body)) => bad.push(format!("request {i}: {code} {body:?}")),
+            Err(e) => bad.push(format!("request {i}: {e}")),
+        }
+    }
+    let elapsed = start.elapsed();
+    let after = backends.map(Backend::hits);
+    let probe_bound = (elapsed.as_secs_f64() / (INTERVAL.as_secs_f64() * 0.9)).floor() as u64 + 2;
+    Burst {
+        bad,
+        hits: [after[0] - before[0], after[1] - before[1]],
+        probe_bound,
+    }
+}
+
+fn sidekick_args<'a>(key: &'a str, value: &'a str, url: &'a str, endpoints: &'a str) -> Vec<&'a str> {
+    vec![
+        "run",
+        key,
+        value,
+        "--http",
+        url,
+        "--interval",
+        "200ms",
+        "--timeout",
+        "100ms",
+        "--ttl",
+        "2s",
+        "--rise",
+        "1",
+        "--fall",
+        "1",
+        "--endpoints",
+        endpoints,
+    ]
+}
+
+fn both(addrs: &[String; 2]) -> BTreeSet<(String, String)> {
+    [("1".to_string(), addrs[0].clone()), ("2".to_string(), addrs[1].clone())].into()
+}
+
+#[tokio::test]
+async fn haproxy_routes_only_to_healthy_instances_through_render_and_reload() {
+    let bin = haproxy_bin();
+    let etcd = Etcd::start().await;
+    let eps = etcd.endpoints();
+    let b = [Backend::start(), Backend::start()];
+    let addrs = [b[0].addr.to_string(), b[1].addr.to_string()];
+    let urls = [b[0].url(), b[1].url()];
+    let keys = ["/services/web/1", "/services/web/2"];
+    let sk1 = Running::start(&sidekick_args(keys[0], &addrs[0], &urls[0], &eps));
+    let sk2 = Running::start(&sidekick_args(keys[1], &addrs[1], &urls[1], &eps));
+    let logs = || format!("sidekick 1:\n{}\nsidekick 2:\n{}", sk1.log(), sk2.log());
+    let c = etcd.client(0).await;
+    for i in 0..2 {
+        assert!(
+            key_becomes(&c, keys[i], Some(&addrs[i]), 10 * SEC).await,
+            "{} never registered\n{}",
+            keys[i],
+            logs()
+        );
+    }
+
+    let dir: TempDir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("haproxy.cfg");
+    let port = free_port();
+    let text = render(&cfg, dir.path(), port, &eps);
+    assert!(text.contains("master-worker"), "{text}");
+    let mut haproxy = Haproxy::start(&bin, &cfg, dir.path(), port).await;
+    assert_eq!(haproxy.servers(), both(&addrs), "rendered:\n{text}");
+
+    // Both healthy: round-robin gives each about half, far beyond what
+    // probes could explain.
+    let up = burst(haproxy.port, [&b[0], &b[1]]);
+    assert!(up.bad.is_empty(), "{up:?}\n{}", haproxy.log());
+    for i in 0..2 {
+        assert!(
+            up.hits[i] >= up.probe_bound + REQUESTS / 4,
+            "backend {} got too little proxied traffic: {up:?}",
+            i + 1
+        );
+    }
+
+    // Backend 1 fails: its sidekick withdraws the key, the new
+    // configuration lists only backend 2, and no request reaches backend 1.
+    b[0].set_healthy(false);
+    assert!(
+        key_becomes(&c, keys[0], None, 10 * SEC).await,
+        "the unhealthy backend's key stayed\n{}",
+        logs()
+    );
+    assert!(key_becomes(&c, keys[1], Some(&addrs[1]), SEC).await, "{}", logs());
+    let text = render(&cfg, dir.path(), port, &eps);
+    assert!(!text.contains(&addrs[0]), "{text}");
+    haproxy.reload().await;
+    assert_eq!(
+        haproxy.servers(),
+        [("2".to_string(), addrs[1].clone())].into(),
+        "rendered:\n{text}"
+    );
+    let down = burst(haproxy.port, [&b[0], &b[1]]);
+    // Backend 1 answers 503 to everything now: every 200 came from backend 2.
+    assert!(down.bad.is_empty(), "{down:?}\n{}", haproxy.log());
+    assert!(
+        down.hits[0] <= down.probe_bound,
+        "backend 1 got more than its probes: {down:?}"
+    );
+    assert!(down.hits[1] >= REQUESTS, "backend 2 took every request: {down:?}");
+
+    // Recovery: the key returns, and after render + reload both serve again.
+    b[0].set_healthy(true);
+    assert!(
+        key_becomes(&c, keys[0], Some(&addrs[0]), 10 * SEC).await,
+        "the recovered backend's key did not return\n{}",
+        logs()
+    );
+    let text = render(&cfg, dir.path(), port, &eps);
+    haproxy.reload().await;
+    assert_eq!(haproxy.servers(), both(&addrs), "rendered:\n{text}");
+    let again = burst(haproxy.port, [&b[0], &b[1]]);
+    assert!(again.bad.is_empty(), "{again:?}\n{}", haproxy.log());
+    for i in 0..2 {
+        assert!(
+            again.hits[i] >= again.probe_bound + REQUESTS / 4,
+            "backend {} got too little proxied traffic after recovery: {again:?}",
+            i + 1
+        );
+    }
+}
