@@ -3,6 +3,7 @@
 
 mod cli;
 mod faults;
+mod guarantees;
 mod haproxy;
 mod harness;
 mod oneshot;
