@@ -26,27 +26,7 @@ const MIB: u64 = 1024 * 1024;
 /// The short timings of these tests: a probe every 200 ms, rise 1, fall 1,
 /// a 2 s lease and a 1 s bound on every etcd request.
 fn fast_args<'a>(etcd: &'a str, url: &'a str) -> Vec<&'a str> {
-    vec![
-        "run",
-        KEY,
-        VALUE,
-        "--http",
-        url,
-        "--interval",
-        "200ms",
-        "--timeout",
-        "100ms",
-        "--ttl",
-        "2s",
-        "--rise",
-        "1",
-        "--fall",
-        "1",
-        "--dial-timeout",
-        "1s",
-        "--endpoints",
-        etcd,
-    ]
+    fast_run(KEY, VALUE, url, etcd, "1", "1")
 }
 
 /// Log lines containing `pat`.

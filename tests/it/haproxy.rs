@@ -269,25 +269,7 @@ fn burst(port: u16, backends: [&Backend; 2]) -> Burst {
 }
 
 fn sidekick_args<'a>(key: &'a str, value: &'a str, url: &'a str, endpoints: &'a str) -> Vec<&'a str> {
-    vec![
-        "run",
-        key,
-        value,
-        "--http",
-        url,
-        "--interval",
-        "200ms",
-        "--timeout",
-        "100ms",
-        "--ttl",
-        "2s",
-        "--rise",
-        "1",
-        "--fall",
-        "1",
-        "--endpoints",
-        endpoints,
-    ]
+    fast_run(key, value, url, endpoints, "1", "1")
 }
 
 fn both(addrs: &[String; 2]) -> BTreeSet<(String, String)> {

@@ -362,6 +362,39 @@ impl Drop for Backend {
     }
 }
 
+/// `run KEY VALUE` probing `url` with the short timings an operator tries
+/// first: 200ms interval, 100ms timeout, 2s TTL, 1s dial timeout.
+pub fn fast_run<'a>(
+    key: &'a str,
+    value: &'a str,
+    url: &'a str,
+    etcd: &'a str,
+    rise: &'a str,
+    fall: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "run",
+        key,
+        value,
+        "--http",
+        url,
+        "--interval",
+        "200ms",
+        "--timeout",
+        "100ms",
+        "--ttl",
+        "2s",
+        "--rise",
+        rise,
+        "--fall",
+        fall,
+        "--dial-timeout",
+        "1s",
+        "--endpoints",
+        etcd,
+    ]
+}
+
 /// A `sidekick` command with a clean environment: no inherited SIDEKICK_*
 /// or ETCDCTL_* variable, and an env file that does not exist, so discovery
 /// never falls through to the machine's default gateway.

@@ -10,25 +10,7 @@ const SEC: Duration = Duration::from_secs(1);
 
 /// The short timings an operator tries first, with `--rise`/`--fall` given.
 fn fast_args<'a>(etcd: &'a str, url: &'a str, rise: &'a str, fall: &'a str) -> Vec<&'a str> {
-    vec![
-        "run",
-        KEY,
-        "10.0.0.5:8080",
-        "--http",
-        url,
-        "--interval",
-        "200ms",
-        "--timeout",
-        "100ms",
-        "--ttl",
-        "2s",
-        "--rise",
-        rise,
-        "--fall",
-        fall,
-        "--endpoints",
-        etcd,
-    ]
+    fast_run(KEY, "10.0.0.5:8080", url, etcd, rise, fall)
 }
 
 #[tokio::test]

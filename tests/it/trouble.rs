@@ -9,27 +9,7 @@ const KEY: &str = "/services/web/1";
 const SEC: Duration = Duration::from_secs(1);
 
 fn fast_args<'a>(etcd: &'a str, url: &'a str) -> Vec<&'a str> {
-    vec![
-        "run",
-        KEY,
-        "10.0.0.5:8080",
-        "--http",
-        url,
-        "--interval",
-        "200ms",
-        "--timeout",
-        "100ms",
-        "--ttl",
-        "2s",
-        "--rise",
-        "1",
-        "--fall",
-        "1",
-        "--dial-timeout",
-        "1s",
-        "--endpoints",
-        etcd,
-    ]
+    fast_run(KEY, "10.0.0.5:8080", url, etcd, "1", "1")
 }
 
 #[tokio::test]
