@@ -64,7 +64,8 @@ async fn registers_under_a_lease_with_every_extra_key() {
     assert_eq!(value(&mut c, "/services/web/scheme").await.as_deref(), Some("http"));
     let ttl = c.lease_time_to_live(main.lease(), None).await.unwrap();
     assert_eq!(ttl.granted_ttl(), 2);
-    assert!(sk.log().contains("registered"), "{}", sk.log());
+    let logged = || async { sk.log().contains("INFO registered") };
+    assert!(eventually(5 * SEC, logged).await, "{}", sk.log());
 }
 
 #[tokio::test]
@@ -95,6 +96,9 @@ async fn unhealthy_removes_the_keys_and_recovery_brings_them_back() {
         sk.log()
     );
     assert!(key_becomes(&c, "/services/web/scheme", Some("http"), SEC).await);
+    // The key can be seen in etcd a moment before the line is logged.
+    let logged_twice = || async { sk.log().matches("INFO registered").count() == 2 };
+    assert!(eventually(5 * SEC, logged_twice).await, "{}", sk.log());
     let log = sk.log();
     let (down, withdrawn, up_again) = (
         log.find("instance is down").expect("down logged"),
