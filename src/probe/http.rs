@@ -73,12 +73,15 @@ impl HttpProbe {
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|e| format!("could not connect to {}:{}: {e}", self.host, self.port))?;
-        // No TCP_NODELAY: the request goes out in one write, which Nagle's
-        // algorithm never holds back, and the option would cost a syscall
-        // on every probe.
         match &self.tls {
+            // No TCP_NODELAY here: the request goes out in one write, which
+            // Nagle's algorithm never holds back, and the option would cost
+            // a syscall on every probe.
             None => self.exchange(tcp).await,
             Some((connector, name)) => {
+                // A TLS handshake writes several small records in a row,
+                // which Nagle's algorithm would hold back behind delayed ACKs.
+                let _ = tcp.set_nodelay(true);
                 let stream = connector
                     .connect(name.clone(), tcp)
                     .await
