@@ -6,6 +6,7 @@ mod faults;
 mod guarantees;
 mod haproxy;
 mod harness;
+mod netns;
 mod oneshot;
 mod run;
 mod security;
