@@ -5,6 +5,7 @@
 #   etcdctl    the demo shows the keys with it (etcd-client)
 #   haproxy    the end-to-end test puts a real load balancer in front (haproxy)
 #   systemd-analyze   the tests verify the unit templates (systemd)
+#   ip         the discovery test builds network namespaces (iproute2)
 
 ensure_prereqs() {
   local missing=()
@@ -14,6 +15,7 @@ ensure_prereqs() {
   if [ "${PREREQS_FOR:-test}" = test ]; then
     command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+    command -v ip >/dev/null 2>&1 || missing+=(iproute2)
   fi
   command -v cargo >/dev/null 2>&1 || {
     echo "cargo is not installed: install the Rust toolchain first (https://rustup.rs)" >&2
