@@ -395,6 +395,22 @@ pub fn fast_run<'a>(
     ]
 }
 
+/// A real etcd, a healthy backend, and `sidekick run KEY VALUE` with the
+/// short timings of [`fast_run`], waited on until it has registered.
+pub async fn registered(key: &str, value: &str, rise: &str, fall: &str) -> (Etcd, Backend, Running, Client) {
+    let etcd = Etcd::start().await;
+    let backend = Backend::start();
+    let (url, eps) = (backend.url(), etcd.endpoints());
+    let sk = Running::start(&fast_run(key, value, &url, &eps, rise, fall));
+    let c = etcd.client(0).await;
+    assert!(
+        key_becomes(&c, key, Some(value), Duration::from_secs(10)).await,
+        "{}",
+        sk.log()
+    );
+    (etcd, backend, sk, c)
+}
+
 /// A `sidekick` command with a clean environment: no inherited SIDEKICK_*
 /// or ETCDCTL_* variable, and an env file that does not exist, so discovery
 /// never falls through to the machine's default gateway.

@@ -13,22 +13,6 @@ fn fast_args<'a>(etcd: &'a str, url: &'a str, rise: &'a str, fall: &'a str) -> V
     fast_run(KEY, "10.0.0.5:8080", url, etcd, rise, fall)
 }
 
-/// A real etcd, a healthy backend, and a sidekick with the short timings,
-/// waited on until it has registered.
-async fn registered(rise: &str, fall: &str) -> (Etcd, Backend, Running, etcd_client::Client) {
-    let etcd = Etcd::start().await;
-    let backend = Backend::start();
-    let (url, eps) = (backend.url(), etcd.endpoints());
-    let sk = Running::start(&fast_args(&eps, &url, rise, fall));
-    let c = etcd.client(0).await;
-    assert!(
-        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
-        "{}",
-        sk.log()
-    );
-    (etcd, backend, sk, c)
-}
-
 #[tokio::test]
 async fn registers_under_a_lease_with_every_extra_key() {
     let etcd = Etcd::start().await;
@@ -110,7 +94,7 @@ async fn unhealthy_removes_the_keys_and_recovery_brings_them_back() {
 
 #[tokio::test]
 async fn fall_3_rides_out_one_failure() {
-    let (_etcd, backend, sk, mut c) = registered("1", "3").await;
+    let (_etcd, backend, sk, mut c) = registered(KEY, "10.0.0.5:8080", "1", "3").await;
     let before = get(&mut c, KEY).await.unwrap();
 
     // Two failing probes in a row, less than --fall 3.
@@ -135,7 +119,7 @@ async fn fall_3_rides_out_one_failure() {
 }
 
 async fn stops_on(sig: &str) {
-    let (_etcd, _backend, mut sk, mut c) = registered("1", "1").await;
+    let (_etcd, _backend, mut sk, mut c) = registered(KEY, "10.0.0.5:8080", "1", "1").await;
 
     sk.signal(sig);
     let status = sk.exit_within(10 * SEC).await.expect("exits after the signal");
@@ -199,7 +183,7 @@ async fn second_signal_exits_at_once_during_drain() {
 
 #[tokio::test]
 async fn sigkill_leaves_the_key_to_expire_with_the_lease() {
-    let (_etcd, _backend, sk, mut c) = registered("1", "1").await;
+    let (_etcd, _backend, sk, mut c) = registered(KEY, "10.0.0.5:8080", "1", "1").await;
 
     sk.signal("KILL");
     let killed = Instant::now();
@@ -218,7 +202,7 @@ async fn sigkill_leaves_the_key_to_expire_with_the_lease() {
 
 #[tokio::test]
 async fn steady_state_writes_no_revisions() {
-    let (_etcd, backend, sk, mut c) = registered("1", "1").await;
+    let (_etcd, backend, sk, mut c) = registered(KEY, "10.0.0.5:8080", "1", "1").await;
 
     let before = revision(&mut c).await;
     let lease = get(&mut c, KEY).await.unwrap().lease();
@@ -252,7 +236,7 @@ async fn no_probe_announces_unconditionally_and_says_so_first() {
 
 #[tokio::test]
 async fn another_writers_key_survives_our_withdrawal() {
-    let (_etcd, backend, sk, mut c) = registered("1", "1").await;
+    let (_etcd, backend, sk, mut c) = registered(KEY, "10.0.0.5:8080", "1", "1").await;
 
     // A new instance takes the key over under its own lease.
     let theirs = c.lease_grant(30, None).await.unwrap().id();

@@ -50,16 +50,7 @@ async fn etcd_absent_at_start_then_appears() {
 
 #[tokio::test]
 async fn etcd_restart_keeps_the_same_key_without_a_rewrite() {
-    let mut etcd = Etcd::start().await;
-    let backend = Backend::start();
-    let (url, eps) = (backend.url(), etcd.endpoints());
-    let mut sk = Running::start(&fast_args(&eps, &url));
-    let mut c = etcd.client(0).await;
-    assert!(
-        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
-        "{}",
-        sk.log()
-    );
+    let (mut etcd, _backend, mut sk, mut c) = registered(KEY, "10.0.0.5:8080", "1", "1").await;
     let before = get(&mut c, KEY).await.unwrap();
 
     // A quick restart: the lease survives in etcd's data, so the key must
@@ -81,16 +72,7 @@ async fn etcd_restart_keeps_the_same_key_without_a_rewrite() {
 
 #[tokio::test]
 async fn etcd_restarted_many_times_never_stops_the_sidekick() {
-    let mut etcd = Etcd::start().await;
-    let backend = Backend::start();
-    let (url, eps) = (backend.url(), etcd.endpoints());
-    let mut sk = Running::start(&fast_args(&eps, &url));
-    let c = etcd.client(0).await;
-    assert!(
-        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
-        "{}",
-        sk.log()
-    );
+    let (mut etcd, _backend, mut sk, _c) = registered(KEY, "10.0.0.5:8080", "1", "1").await;
     for _ in 0..3 {
         etcd.stop(0);
         // Down longer than the TTL: the lease is gone when etcd returns
@@ -109,16 +91,7 @@ async fn etcd_restarted_many_times_never_stops_the_sidekick() {
 
 #[tokio::test]
 async fn wiped_data_dir_gets_a_new_lease_and_the_keys_again() {
-    let mut etcd = Etcd::start().await;
-    let backend = Backend::start();
-    let (url, eps) = (backend.url(), etcd.endpoints());
-    let sk = Running::start(&fast_args(&eps, &url));
-    let mut c = etcd.client(0).await;
-    assert!(
-        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
-        "{}",
-        sk.log()
-    );
+    let (mut etcd, _backend, sk, mut c) = registered(KEY, "10.0.0.5:8080", "1", "1").await;
     let old = get(&mut c, KEY).await.unwrap().lease();
 
     etcd.wipe_and_start().await;
