@@ -8,6 +8,7 @@ mod haproxy;
 mod harness;
 mod netns;
 mod oneshot;
+mod repo;
 mod run;
 mod security;
 mod trouble;
