@@ -47,6 +47,15 @@ pub struct RunConfig {
     pub etcd: EtcdSettings,
 }
 
+impl RunConfig {
+    /// The bound on each etcd call while running: the dial timeout, but at
+    /// most a third of the TTL, so a keep-alive that hangs leaves time for
+    /// another attempt (on the next endpoint) before the lease runs out.
+    pub fn call_bound(&self) -> Duration {
+        self.etcd.dial_timeout.min(self.timing.ttl / 3)
+    }
+}
+
 /// Probe and lease timing of `run`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timing {
@@ -581,6 +590,23 @@ mod tests {
 
     fn err(a: RunArgs) -> String {
         run_config(&a, &MapEnv::default()).unwrap_err().0
+    }
+
+    #[test]
+    fn each_etcd_call_is_bounded_by_the_dial_timeout_and_a_third_of_the_ttl() {
+        for (ttl, dial, bound_ms) in [
+            ("15s", None, 5000),
+            ("3s", None, 1000),
+            ("30s", Some("2s"), 2000),
+            ("2s", Some("10s"), 666),
+        ] {
+            let a = run_args(|a| {
+                a.timing.ttl = s(ttl);
+                a.etcd.dial_timeout = dial.map(String::from);
+            });
+            let cfg = run_config(&a, &MapEnv::default()).unwrap();
+            assert_eq!(cfg.call_bound().as_millis(), bound_ms, "ttl {ttl}, dial {dial:?}");
+        }
     }
 
     #[test]

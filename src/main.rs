@@ -152,7 +152,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         timing: cfg.timing.clone(),
         stop_timeout: cfg.etcd.dial_timeout,
     };
-    let registry = EtcdRegistry::new(d.endpoints.clone(), options, cfg.etcd.dial_timeout);
+    let registry = EtcdRegistry::new(d.endpoints.clone(), options, cfg.call_bound());
     runtime()?.block_on(async {
         let token =
             shutdown::on_signals().map_err(|e| anyhow::Error::new(e).context("could not install signal handlers"))?;

@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use crate::config::Timing;
 use crate::health::{Health, State};
 use crate::probe::{Outcome, Probe};
-use crate::registry::{LeaseId, Registry, RegistryError};
+use crate::registry::{HeldElsewhere, LeaseId, Registry, RegistryError};
 
 /// Something that can check the instance once.
 #[allow(async_fn_in_trait)]
@@ -165,15 +165,14 @@ async fn registrar<R: Registry>(
     mut state: watch::Receiver<State>,
     shutdown: &CancellationToken,
 ) -> bool {
-    let ttl = plan.timing.ttl;
-    let refresh_every = ttl / 3;
     let mut lease: Option<Lease> = None;
     // The first registration of a run takes the keys over (they may be this
     // instance's leftovers); any later one leaves other writers' keys alone.
     let mut takeover = true;
     let mut backoff = Backoff::new(plan.timing.interval);
     let mut not_before = Instant::now();
-    let mut trouble: Option<String> = None;
+    let mut trouble = Trouble::default();
+    let mut held = Held::default();
 
     loop {
         let want_up = *state.borrow_and_update() == State::Up;
@@ -199,65 +198,27 @@ async fn registrar<R: Registry>(
             action = wait_for(next) => action,
         };
 
-        let result = match action {
-            Action::Grant => reg.grant(ttl).await.map(|id| {
-                debug!(lease = %id, ttl = ttl.as_secs(), "lease granted");
-                lease = Some(Lease {
-                    id,
-                    pending: (0..plan.keys.len()).collect(),
-                    refresh_at: Instant::now() + refresh_every,
-                    put_at: Instant::now(),
-                });
-            }),
-            Action::Put => {
-                let l = lease.as_mut().expect("put needs a lease");
-                let keys: Vec<(String, String)> = l.pending.iter().map(|&i| plan.keys[i].clone()).collect();
-                reg.put(l.id, &keys, takeover).await.map(|held| {
-                    l.pending.retain(|&i| held.iter().any(|h| h.key == plan.keys[i].0));
-                    for h in &held {
-                        let holder = h.holder.map_or("no lease".to_string(), |id| format!("lease {id}"));
-                        warn!(key = %h.key, holder = %holder, "key is held elsewhere; not overwriting it, will try again");
-                    }
-                    if l.pending.is_empty() {
-                        takeover = false;
-                        info!(lease = %l.id, keys = %key_list(&plan.keys), endpoint = %reg.endpoint(), "registered");
-                    } else {
-                        // Try the held keys again each interval.
-                        l.put_at = Instant::now() + plan.timing.interval;
-                    }
-                })
-            }
-            Action::KeepAlive => {
-                let id = lease.as_ref().expect("keep-alive needs a lease").id;
-                reg.keep_alive(id).await.map(|alive| {
-                    if alive {
-                        if let Some(l) = lease.as_mut() {
-                            l.refresh_at = Instant::now() + refresh_every;
-                        }
-                    } else {
-                        warn!(lease = %id, "lease expired or was lost in etcd; granting a new one");
-                        lease = None;
-                    }
-                })
-            }
-            Action::Revoke => {
-                let id = lease.as_ref().expect("revoke needs a lease").id;
-                reg.revoke(id).await.map(|()| {
-                    info!(lease = %id, "withdrawn: lease revoked");
-                    lease = None;
-                })
-            }
+        // A signal cancels the call in flight: the stop below has a bound of
+        // its own, so the exit comes within it (plus the drain) however long
+        // etcd would have kept this call waiting.
+        let result = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            result = apply(action, plan, &mut reg, &mut lease, &mut held, takeover) => result,
         };
         match result {
-            Ok(()) => {
-                if trouble.take().is_some() {
+            Ok(complete) => {
+                if complete {
+                    takeover = false;
+                }
+                if trouble.clear() {
                     info!(endpoint = %reg.endpoint(), "etcd answers again");
                 }
                 backoff.reset();
                 not_before = Instant::now();
             }
             Err(e) => {
-                note_trouble(&mut trouble, &e);
+                trouble.note(&e);
                 not_before = Instant::now() + backoff.fail();
             }
         }
@@ -268,6 +229,66 @@ async fn registrar<R: Registry>(
         stop_revoke(&mut reg, l.id, plan.stop_timeout).await;
     }
     registered
+}
+
+/// Carries out one registrar action; `Ok(true)` when it completed the
+/// registration of every key.
+async fn apply<R: Registry>(
+    action: Action,
+    plan: &Plan,
+    reg: &mut R,
+    lease: &mut Option<Lease>,
+    held: &mut Held,
+    takeover: bool,
+) -> Result<bool, RegistryError> {
+    let ttl = plan.timing.ttl;
+    let refresh_every = ttl / 3;
+    match action {
+        Action::Grant => {
+            let id = reg.grant(ttl).await?;
+            debug!(lease = %id, ttl = ttl.as_secs(), "lease granted");
+            *lease = Some(Lease {
+                id,
+                pending: (0..plan.keys.len()).collect(),
+                refresh_at: Instant::now() + refresh_every,
+                put_at: Instant::now(),
+            });
+            Ok(false)
+        }
+        Action::Put => {
+            let l = lease.as_mut().expect("put needs a lease");
+            let keys: Vec<(String, String)> = l.pending.iter().map(|&i| plan.keys[i].clone()).collect();
+            let elsewhere = reg.put(l.id, &keys, takeover).await?;
+            l.pending.retain(|&i| elsewhere.iter().any(|h| h.key == plan.keys[i].0));
+            held.update(&keys, &elsewhere);
+            if l.pending.is_empty() {
+                info!(lease = %l.id, keys = %key_list(&plan.keys), endpoint = %reg.endpoint(), "registered");
+                return Ok(true);
+            }
+            // Try the held keys again each interval.
+            l.put_at = Instant::now() + plan.timing.interval;
+            Ok(false)
+        }
+        Action::KeepAlive => {
+            let id = lease.as_ref().expect("keep-alive needs a lease").id;
+            if reg.keep_alive(id).await? {
+                if let Some(l) = lease.as_mut() {
+                    l.refresh_at = Instant::now() + refresh_every;
+                }
+            } else {
+                warn!(lease = %id, "lease expired or was lost in etcd; granting a new one");
+                *lease = None;
+            }
+            Ok(false)
+        }
+        Action::Revoke => {
+            let id = lease.as_ref().expect("revoke needs a lease").id;
+            reg.revoke(id).await?;
+            info!(lease = %id, "withdrawn: lease revoked");
+            *lease = None;
+            Ok(false)
+        }
+    }
 }
 
 /// Sleeps until the action is due; never returns when there is none.
@@ -281,14 +302,59 @@ async fn wait_for(next: Option<(Action, Instant)>) -> Action {
     }
 }
 
-/// Logs an etcd failure once per distinct cause, not once per retry.
-fn note_trouble(trouble: &mut Option<String>, e: &RegistryError) {
-    let text = e.to_string();
-    if trouble.as_deref() != Some(text.as_str()) {
-        warn!(endpoint = %e.endpoint, "{text}; retrying");
-        *trouble = Some(text);
-    } else {
-        debug!(endpoint = %e.endpoint, "{text}; retrying");
+/// The etcd failures of one outage: each distinct cause is logged once as a
+/// warning, whichever endpoint gave it, and repeats go to debug, so a
+/// partitioned cluster tried over and over does not fill the journal.
+#[derive(Debug, Default)]
+struct Trouble {
+    seen: Vec<(&'static str, String)>,
+}
+
+impl Trouble {
+    fn note(&mut self, e: &RegistryError) {
+        let cause = (e.op, e.cause.replace(&e.endpoint, "ENDPOINT"));
+        if self.seen.contains(&cause) {
+            debug!(endpoint = %e.endpoint, "{e}; retrying");
+        } else {
+            warn!(endpoint = %e.endpoint, "{e}; retrying");
+            self.seen.push(cause);
+        }
+    }
+
+    /// Forgets the outage; true when there was one.
+    fn clear(&mut self) -> bool {
+        let was = !self.seen.is_empty();
+        self.seen.clear();
+        was
+    }
+}
+
+/// Keys another writer holds: warned about once, retried quietly, and a
+/// line when each comes back to us.
+#[derive(Debug, Default)]
+struct Held {
+    keys: Vec<String>,
+}
+
+impl Held {
+    /// After a put of `tried`, of which `elsewhere` were left alone.
+    fn update(&mut self, tried: &[(String, String)], elsewhere: &[HeldElsewhere]) {
+        for h in elsewhere {
+            if self.keys.contains(&h.key) {
+                debug!(key = %h.key, "key is still held elsewhere");
+            } else {
+                let holder = h.holder.map_or("no lease".to_string(), |id| format!("lease {id}"));
+                warn!(key = %h.key, holder = %holder, "key is held elsewhere; not overwriting it, will try again each interval");
+                self.keys.push(h.key.clone());
+            }
+        }
+        self.keys.retain(|k| {
+            let resolved = tried.iter().any(|(t, _)| t == k) && !elsewhere.iter().any(|h| &h.key == k);
+            if resolved {
+                info!(key = %k, "key is free again and ours");
+            }
+            !resolved
+        });
     }
 }
 

@@ -22,15 +22,22 @@ pub fn connect_options(settings: &EtcdSettings) -> Result<ConnectOptions, String
         .with_keep_alive(dial.max(Duration::from_secs(1)), dial)
         .with_keep_alive_while_idle(true);
     if let Some((user, pass)) = &settings.auth {
-        opts = opts.with_user(user.clone(), pass.clone());
+        // etcd's simple tokens expire (--auth-token-ttl, 5 minutes by
+        // default); without a refresh the first call after a quiet spell
+        // (the withdrawal, typically) would fail once.
+        opts = opts.with_user(user.clone(), pass.clone()).with_auto_token_refresh(true);
     }
-    if let Some(tls) = &settings.tls {
+    let https = settings.discovery.endpoints.iter().any(|e| e.starts_with("https://"));
+    let cacert = settings.tls.as_ref().and_then(|t| t.cacert.as_ref());
+    if settings.tls.is_some() || https {
         let read = |flag: &str, path: &str| std::fs::read(path).map_err(|e| format!("{flag}: cannot read {path}: {e}"));
         let mut t = TlsOptions::new();
-        if let Some(ca) = &tls.cacert {
-            t = t.ca_certificate(Certificate::from_pem(read("--cacert", ca)?));
+        match cacert {
+            Some(ca) => t = t.ca_certificate(Certificate::from_pem(read("--cacert", ca)?)),
+            // As etcdctl: without --cacert, the system's trust roots.
+            None => t = t.with_native_roots(),
         }
-        if let Some((cert, key)) = &tls.identity {
+        if let Some((cert, key)) = settings.tls.as_ref().and_then(|t| t.identity.as_ref()) {
             t = t.identity(Identity::from_pem(read("--cert", cert)?, read("--key", key)?));
         }
         opts = opts.with_tls(t);
@@ -169,13 +176,7 @@ impl EtcdRegistry {
         match tokio::time::timeout(timeout, attempt).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.fail(op, cause(&e))),
-            Err(_) => Err(self.fail(
-                op,
-                format!(
-                    "no answer within {} (--dial-timeout)",
-                    humantime::format_duration(timeout)
-                ),
-            )),
+            Err(_) => Err(self.fail(op, format!("no answer within {}", humantime::format_duration(timeout)))),
         }
     }
 }
@@ -218,10 +219,7 @@ impl Registry for EtcdRegistry {
             Ok(Err(e)) => Err(self.fail("keep the lease alive", cause(&e))),
             Err(_) => Err(self.fail(
                 "keep the lease alive",
-                format!(
-                    "no answer within {} (--dial-timeout)",
-                    humantime::format_duration(self.timeout)
-                ),
+                format!("no answer within {}", humantime::format_duration(self.timeout)),
             )),
         }
     }

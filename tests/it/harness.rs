@@ -93,6 +93,16 @@ impl Etcd {
         Self::launch(1, "https", extra, Some(options)).await
     }
 
+    /// One member with more etcd flags (`--auth-token-ttl=2`, say).
+    pub async fn start_with(extra: &[&str]) -> Etcd {
+        Self::launch(1, "http", extra.iter().map(|s| s.to_string()).collect(), None).await
+    }
+
+    /// The process id of member `i` (to freeze it with SIGSTOP, say).
+    pub fn pid(&self, i: usize) -> u32 {
+        self.members[i].child.as_ref().expect("member is running").id()
+    }
+
     async fn launch(n: usize, scheme: &'static str, extra: Vec<String>, options: Option<ConnectOptions>) -> Etcd {
         let dir = tempfile::tempdir().unwrap();
         let members = (0..n)

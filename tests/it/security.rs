@@ -216,7 +216,9 @@ async fn enable_auth(c: &mut Client) {
 }
 
 async fn root_client(etcd: &Etcd) -> Client {
-    let opts = ConnectOptions::new().with_user("root", "root-secret-pw");
+    let opts = ConnectOptions::new()
+        .with_user("root", "root-secret-pw")
+        .with_auto_token_refresh(true);
     Client::connect([etcd.url(0)], Some(opts)).await.unwrap()
 }
 
@@ -382,4 +384,100 @@ fn assert_no_secret(log: &Path, secret: &str) {
     let text = std::fs::read_to_string(log).unwrap();
     assert!(text.lines().count() > 20, "a trace log was written: {text}");
     assert!(!text.contains(secret), "the password is in the trace log");
+}
+
+// Regression: `https://` endpoints without `--cacert` trusted nothing, where
+// etcdctl uses the system's roots. SSL_CERT_FILE stands in for the system
+// store here (the system's roots loader reads it).
+#[tokio::test]
+async fn https_without_cacert_uses_the_system_roots() {
+    let pki = Pki::new();
+    let etcd = Etcd::start_tls(pki.etcd_flags(), pki.client_options()).await;
+    let eps = etcd.endpoints();
+    let (cert, key) = (pki.arg("client.pem"), pki.arg("client.key"));
+    let announce = |roots: &Path| {
+        sidekick(&[
+            "announce",
+            KEY,
+            "v",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--dial-timeout",
+            "2s",
+            "--endpoints",
+            &eps,
+        ])
+        .env("SSL_CERT_FILE", roots)
+        .env_remove("SSL_CERT_DIR")
+        .output()
+        .unwrap()
+    };
+    let out = announce(&pki.path("ca.pem"));
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(value(&mut etcd.client(0).await, KEY).await.as_deref(), Some("v"));
+
+    // Roots that do not include our CA: refused, not trusted blindly.
+    let other = Pki::new();
+    let out = announce(&other.path("ca.pem"));
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+// Regression: etcd-client does not refresh an expired simple token unless
+// asked, so the first call after a quiet spell longer than the token TTL
+// (the withdrawal, typically) failed once with "invalid auth token".
+#[tokio::test]
+async fn withdrawal_after_the_auth_token_expired() {
+    let etcd = Etcd::start_with(&["--auth-token-ttl=1"]).await;
+    enable_auth(&mut etcd.client(0).await).await;
+    let eps = etcd.endpoints();
+    let root = root_client(&etcd).await;
+    let backend = Backend::start();
+    let url = backend.url();
+    // A long TTL: the key can only go this fast by a revoke.
+    let mut sk = Running::start_with_env(
+        &[
+            "run",
+            KEY,
+            "v",
+            "--http",
+            &url,
+            "--interval",
+            "300ms",
+            "--timeout",
+            "100ms",
+            "--rise",
+            "1",
+            "--fall",
+            "1",
+            "--ttl",
+            "60s",
+            "--user",
+            "svc",
+            "--endpoints",
+            &eps,
+        ],
+        &[("SIDEKICK_PASSWORD", "svc-Secret-4711")],
+    );
+    assert!(key_becomes(&root, KEY, Some("v"), 10 * SEC).await, "{}", sk.log());
+    // Quiet for longer than the token lives (keep-alives come every 20s).
+    tokio::time::sleep(3 * SEC).await;
+    backend.set_healthy(false);
+    assert!(key_becomes(&root, KEY, None, 3 * SEC).await, "{}", sk.log());
+    let log = sk.log();
+    assert!(log.contains("withdrawn: lease revoked"), "{log}");
+    assert!(
+        !log.contains("retrying"),
+        "the revoke went through at the first try: {log}"
+    );
+
+    // And once more on SIGTERM, after another quiet spell.
+    backend.set_healthy(true);
+    assert!(key_becomes(&root, KEY, Some("v"), 10 * SEC).await, "{}", sk.log());
+    tokio::time::sleep(3 * SEC).await;
+    sk.signal("TERM");
+    assert_eq!(sk.exit_within(10 * SEC).await.unwrap().code(), Some(0));
+    assert!(key_becomes(&root, KEY, None, SEC).await, "{}", sk.log());
+    assert!(!sk.log().contains("retrying"), "{}", sk.log());
 }

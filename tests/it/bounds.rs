@@ -1,0 +1,230 @@
+//! Bounds that hold when etcd hangs rather than refuses, and logs that stay
+//! one line per cause: against real etcd members frozen with SIGSTOP.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+const KEY: &str = "/services/web/1";
+const VALUE: &str = "10.0.0.5:8080";
+const SEC: Duration = Duration::from_secs(1);
+
+/// Resumes a frozen etcd member when the test ends, however it ends, so the
+/// harness can stop it.
+struct Frozen(u32);
+
+impl Frozen {
+    fn freeze(pid: u32) -> Frozen {
+        signal(pid, "STOP");
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+// Regression: a SIGTERM during a hung keep-alive waited for that call (up to
+// the dial timeout), then for the stop revoke (the dial timeout again).
+#[tokio::test]
+async fn sigterm_with_etcd_frozen_exits_within_dial_timeout_plus_drain() {
+    let etcd = Etcd::start().await;
+    let backend = Backend::start();
+    let (url, eps) = (backend.url(), etcd.endpoints());
+    // TTL 9s: keep-alives every 3s, each bounded by min(3s, 9s/3) = 3s.
+    let dial = 3 * SEC;
+    let drain = SEC;
+    let mut sk = Running::start(&[
+        "run",
+        KEY,
+        VALUE,
+        "--http",
+        &url,
+        "--interval",
+        "300ms",
+        "--timeout",
+        "100ms",
+        "--rise",
+        "1",
+        "--ttl",
+        "9s",
+        "--dial-timeout",
+        "3s",
+        "--drain",
+        "1s",
+        "--endpoints",
+        &eps,
+    ]);
+    let c = etcd.client(0).await;
+    assert!(key_becomes(&c, KEY, Some(VALUE), 10 * SEC).await, "{}", sk.log());
+
+    let frozen = Frozen::freeze(etcd.pid(0));
+    // Past one keep-alive period: from then on a call is in flight almost
+    // all the time (each hangs for its whole bound, then is tried again).
+    tokio::time::sleep(4 * SEC).await;
+    let signalled = Instant::now();
+    sk.signal("TERM");
+    let status = sk.exit_within(4 * dial).await.expect("exits");
+    let took = signalled.elapsed();
+    drop(frozen);
+    assert_eq!(status.code(), Some(0), "{}", sk.log());
+    assert!(
+        took <= dial + drain + SEC / 2,
+        "exit took {took:?}, more than dial timeout {dial:?} + drain {drain:?}: {}",
+        sk.log()
+    );
+    assert!(
+        sk.log().contains("the keys expire with the lease"),
+        "says the revoke was not answered: {}",
+        sk.log()
+    );
+}
+
+// Regression: with `--ttl 3s` and the default 5s dial timeout, a keep-alive
+// hung on a frozen member outlived the lease.
+#[tokio::test]
+async fn a_hung_keep_alive_with_a_short_ttl_is_retried_before_expiry() {
+    let etcd = Etcd::cluster(3).await;
+    let backend = Backend::start();
+    let (url, eps) = (backend.url(), etcd.endpoints());
+    let mut sk = Running::start(&[
+        "run",
+        KEY,
+        VALUE,
+        "--http",
+        &url,
+        "--interval",
+        "500ms",
+        "--timeout",
+        "200ms",
+        "--rise",
+        "1",
+        "--ttl",
+        "3s",
+        "--endpoints",
+        &eps,
+    ]);
+    // The sidekick talks to the first endpoint; the test reads through the
+    // second, which stays up.
+    let mut c = etcd.client(1).await;
+    assert!(key_becomes(&c, KEY, Some(VALUE), 10 * SEC).await, "{}", sk.log());
+    let lease = get(&mut c, KEY).await.unwrap().lease();
+
+    let frozen = Frozen::freeze(etcd.pid(0));
+    // Three TTLs: without a bound below the TTL the lease would be gone.
+    let until = Instant::now() + 9 * SEC;
+    let mut reads = 0;
+    while Instant::now() < until {
+        if let Ok(r) = c.get(KEY, None).await {
+            reads += 1;
+            let now = r.kvs().first().map(|kv| kv.lease());
+            assert_eq!(now, Some(lease), "the key kept its lease: {}", sk.log());
+        }
+        tokio::time::sleep(SEC / 5).await;
+    }
+    drop(frozen);
+    assert!(reads >= 10, "read the key {reads} times through the second member");
+    assert!(sk.alive(), "{}", sk.log());
+    assert!(
+        sk.log().contains("no answer within 1s"),
+        "a call is bounded by TTL/3 = 1s: {}",
+        sk.log()
+    );
+}
+
+fn warnings<'a>(log: &'a str, what: &str) -> Vec<&'a str> {
+    log.lines()
+        .filter(|l| l.contains(" WARN ") && l.contains(what))
+        .collect()
+}
+
+// Regression: with every endpoint refusing, each retry on each endpoint
+// logged a WARN of its own, because the endpoint was part of the cause.
+#[tokio::test]
+async fn one_warning_per_cause_whatever_the_endpoint() {
+    let eps: Vec<String> = (0..3).map(|_| format!("http://127.0.0.1:{}", free_port())).collect();
+    let eps = eps.join(",");
+    let backend = Backend::start();
+    let url = backend.url();
+    let mut sk = Running::start_with_env(
+        &[
+            "run",
+            KEY,
+            VALUE,
+            "--http",
+            &url,
+            "--interval",
+            "300ms",
+            "--timeout",
+            "100ms",
+            "--rise",
+            "1",
+            "--ttl",
+            "2s",
+            "--endpoints",
+            &eps,
+        ],
+        &[("RUST_LOG", "info,etcd_sidekick=debug")],
+    );
+    // Backoff is capped at the interval: dozens of attempts in 5 s.
+    let attempts = || sk_attempts(&sk);
+    assert!(
+        eventually(10 * SEC, || async { attempts() >= 10 }).await,
+        "retried: {}",
+        sk.log()
+    );
+    let log = sk.log();
+    let warns = warnings(&log, "retrying");
+    assert_eq!(
+        warns.len(),
+        1,
+        "one WARN for one cause over {} attempts: {log}",
+        attempts()
+    );
+    assert!(
+        warns[0].contains("connection refused") || warns[0].contains("Connection refused"),
+        "{log}"
+    );
+    assert!(sk.alive());
+}
+
+fn sk_attempts(sk: &Running) -> usize {
+    sk.log().lines().filter(|l| l.contains("; retrying")).count()
+}
+
+// Regression: a key another lease holds logged a WARN every interval.
+#[tokio::test]
+async fn a_key_held_elsewhere_is_warned_once_and_its_release_is_logged() {
+    let (etcd, backend, mut sk, mut c) = registered(KEY, VALUE, "1", "1").await;
+    // Down: the lease is revoked. Another writer takes the key meanwhile.
+    backend.set_healthy(false);
+    assert!(key_becomes(&c, KEY, None, 5 * SEC).await, "{}", sk.log());
+    let theirs = c.lease_grant(60, None).await.unwrap().id();
+    c.put(KEY, "theirs", Some(etcd_client::PutOptions::new().with_lease(theirs)))
+        .await
+        .unwrap();
+    backend.set_healthy(true);
+    // Up again: retried once an interval (200 ms) without taking the key.
+    assert!(
+        eventually(5 * SEC, || async { sk.log().contains("held elsewhere") }).await,
+        "{}",
+        sk.log()
+    );
+    tokio::time::sleep(2 * SEC).await; // ten intervals of retries
+    assert_eq!(value(&mut c, KEY).await.as_deref(), Some("theirs"));
+    let log = sk.log();
+    assert_eq!(warnings(&log, "held elsewhere").len(), 1, "{log}");
+
+    // The other writer goes: the key is ours again, and the log says so.
+    c.lease_revoke(theirs).await.unwrap();
+    assert!(key_becomes(&c, KEY, Some(VALUE), 5 * SEC).await, "{}", sk.log());
+    assert!(
+        eventually(5 * SEC, || async { sk.log().contains("free again") }).await,
+        "{}",
+        sk.log()
+    );
+    assert!(sk.alive());
+    drop(etcd);
+}
