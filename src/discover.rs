@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::Ipv4Addr;
 
-use crate::config::UsageError;
+use crate::parse::UsageError;
 
 /// The env file read when `--env-file` is not given.
 pub const DEFAULT_ENV_FILE: &str = "/etc/etcd.environment";
@@ -115,7 +115,7 @@ pub fn parse_endpoints(source: &str, raw: &str) -> Result<Vec<String>, UsageErro
         } else {
             format!("http://{part}")
         };
-        if crate::config::parse_url(source, &url).is_err() {
+        if crate::parse::parse_url(source, &url).is_err() {
             return Err(UsageError::new(format!(
                 "{source}: '{part}' must be an http:// or https:// URL, or HOST:PORT"
             )));

@@ -24,6 +24,7 @@ pub mod discover;
 pub mod exit;
 pub mod health;
 pub mod oneshot;
+pub mod parse;
 #[cfg(test)]
 mod parse_props;
 pub mod probe;

@@ -1,15 +1,18 @@
 //! Where the keys live: the operations the sidekick needs from etcd.
 //!
-//! [`EtcdRegistry`] is the real thing; [`MemoryRegistry`] is an in-memory
-//! fake with lease expiry on tokio's clock, for unit tests of timing logic.
+//! [`EtcdRegistry`] is the real thing; an in-memory fake with lease expiry
+//! on tokio's clock (`MemoryRegistry`, built for unit tests only) stands in
+//! for it in the unit tests of timing logic.
 
 mod etcd;
+#[cfg(test)]
 mod memory;
 
 use std::fmt;
 use std::time::Duration;
 
 pub use etcd::{connect_options, EtcdRegistry};
+#[cfg(test)]
 pub use memory::MemoryRegistry;
 
 /// An etcd lease id; shown in hex, as etcdctl does.
