@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::cli::{AnnounceArgs, EtcdArgs, ProbeArgs, ProbeOptions, RunArgs, TimingArgs};
+use crate::cli::{AnnounceArgs, CheckArgs, EtcdArgs, ProbeArgs, ProbeOptions, RunArgs, TimingArgs, WithdrawArgs};
 use crate::discover::{self, Discovery, Environment};
 use crate::parse::{count, duration, usage};
 pub use crate::parse::{parse_extra, parse_header, parse_host_port, parse_url, UsageError};
@@ -31,6 +31,19 @@ impl RunConfig {
     pub fn call_bound(&self) -> Duration {
         self.etcd.dial_timeout.min(self.timing.ttl / 3)
     }
+}
+
+/// The probe of `sidekick check`, which needs one.
+pub fn check_probe(args: &CheckArgs) -> Result<ProbeSpec, UsageError> {
+    probe_spec(&args.probe)?.ok_or_else(|| usage("check needs --http URL or --tcp HOST:PORT"))
+}
+
+/// The etcd settings of `sidekick withdraw`, after its own checks.
+pub fn withdraw_settings(args: &WithdrawArgs, env: &dyn Environment) -> Result<EtcdSettings, UsageError> {
+    if args.key.is_empty() {
+        return Err(usage("KEY must not be empty"));
+    }
+    etcd_settings(&args.etcd, env)
 }
 
 /// Probe and lease timing of `run`.
@@ -797,5 +810,38 @@ mod tests {
         for bad in ["", "abc", "200-", "-200", "99", "1000", "200,,204", "300-200"] {
             assert!(bad.parse::<StatusSet>().is_err(), "{bad:?} should not parse");
         }
+    }
+
+    #[test]
+    fn check_and_withdraw_have_rules_of_their_own() {
+        use crate::cli::{CheckArgs, WithdrawArgs};
+        let check = CheckArgs {
+            probe: ProbeArgs::default(),
+        };
+        assert_eq!(
+            check_probe(&check).unwrap_err().0,
+            "check needs --http URL or --tcp HOST:PORT"
+        );
+        let check = CheckArgs {
+            probe: ProbeArgs {
+                tcp: s("127.0.0.1:80"),
+                ..ProbeArgs::default()
+            },
+        };
+        assert!(check_probe(&check).is_ok());
+        let withdraw = |key: &str| WithdrawArgs {
+            key: key.into(),
+            if_value: None,
+            prefix: false,
+            etcd: EtcdArgs {
+                endpoints: s("http://127.0.0.1:2379"),
+                ..EtcdArgs::default()
+            },
+        };
+        assert_eq!(
+            withdraw_settings(&withdraw(""), &MapEnv::default()).unwrap_err().0,
+            "KEY must not be empty"
+        );
+        assert!(withdraw_settings(&withdraw("/k"), &MapEnv::default()).is_ok());
     }
 }

@@ -11,7 +11,7 @@ use etcd_sidekick::cli::{
 use etcd_sidekick::config::{self, EtcdSettings, UsageError};
 use etcd_sidekick::discover::SystemEnv;
 use etcd_sidekick::exit::ExitCode;
-use etcd_sidekick::oneshot::{self, Withdrawn};
+use etcd_sidekick::oneshot::{self, Report};
 use etcd_sidekick::probe::Probe;
 use etcd_sidekick::registry::{connect_options, EtcdRegistry};
 use etcd_sidekick::shutdown;
@@ -163,9 +163,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Failure> {
 }
 
 fn check(args: CheckArgs) -> Result<ExitCode, Failure> {
-    let Some(spec) = config::probe_spec(&args.probe)? else {
-        return Err(Failure::Usage("check needs --http URL or --tcp HOST:PORT".into()));
-    };
+    let spec = config::check_probe(&args)?;
     let probe = Probe::new(&spec).map_err(|e| Failure::Runtime(e.into()))?;
     let outcome = runtime()?.block_on(probe.check());
     println!("{outcome}");
@@ -190,24 +188,20 @@ fn one_shot_registry(settings: &EtcdSettings) -> Result<EtcdRegistry, Failure> {
 fn announce(args: AnnounceArgs) -> Result<ExitCode, Failure> {
     let cfg = config::announce_config(&args, &SystemEnv)?;
     let mut reg = one_shot_registry(&cfg.etcd)?;
-    let probe = match &cfg.wait {
+    let wait = match &cfg.wait {
         Some((spec, limit)) => Some((Probe::new(spec).map_err(|e| Failure::Runtime(e.into()))?, *limit)),
         None => None,
     };
-    let lease = runtime()?.block_on(async {
-        if let Some((probe, limit)) = probe {
-            let outcome = oneshot::wait_healthy(&probe, limit).await;
-            if !outcome.ok {
-                return Err(Failure::Runtime(anyhow::anyhow!(
-                    "instance not healthy within {}, nothing written: {outcome}",
-                    humantime::format_duration(limit)
-                )));
-            }
-        }
-        oneshot::announce(&mut reg, cfg.etcd.dial_timeout, &cfg.keys, cfg.ttl)
-            .await
-            .map_err(|e| Failure::Runtime(e.into()))
-    })?;
+    let wait = wait.as_ref().map(|(p, limit)| (p, *limit));
+    let lease = runtime()?
+        .block_on(oneshot::announce_when_healthy(
+            &mut reg,
+            cfg.etcd.dial_timeout,
+            &cfg.keys,
+            cfg.ttl,
+            wait,
+        ))
+        .map_err(|e| Failure::Runtime(e.into()))?;
     if let Some(lease) = lease {
         println!("{lease}");
     }
@@ -215,26 +209,21 @@ fn announce(args: AnnounceArgs) -> Result<ExitCode, Failure> {
 }
 
 fn withdraw(args: WithdrawArgs) -> Result<ExitCode, Failure> {
-    if args.key.is_empty() {
-        return Err(Failure::Usage("KEY must not be empty".into()));
-    }
-    let settings = config::etcd_settings(&args.etcd, &SystemEnv)?;
+    let settings = config::withdraw_settings(&args, &SystemEnv)?;
     let mut reg = one_shot_registry(&settings)?;
-    let limit = settings.dial_timeout;
-    let done = runtime()?.block_on(oneshot::withdraw(
-        &mut reg,
-        limit,
-        &args.key,
-        args.if_value.as_deref(),
-        args.prefix,
-    ));
-    match done.map_err(|e| Failure::Runtime(e.into()))? {
-        Withdrawn::Deleted(n) => println!("deleted {n} key{}", if n == 1 { "" } else { "s" }),
-        Withdrawn::Kept { current } => eprintln!(
-            "sidekick: kept {}: it holds {current:?} now, not {:?}; another instance owns it",
-            args.key,
-            args.if_value.unwrap_or_default()
-        ),
+    let if_value = args.if_value.as_deref();
+    let done = runtime()?
+        .block_on(oneshot::withdraw(
+            &mut reg,
+            settings.dial_timeout,
+            &args.key,
+            if_value,
+            args.prefix,
+        ))
+        .map_err(|e| Failure::Runtime(e.into()))?;
+    match done.report(&args.key, if_value) {
+        Report::Stdout(line) => println!("{line}"),
+        Report::Stderr(note) => eprintln!("sidekick: {note}"),
     }
     Ok(ExitCode::Success)
 }
@@ -247,16 +236,7 @@ fn list(args: ListArgs) -> Result<ExitCode, Failure> {
         .map_err(|e| Failure::Runtime(e.into()))?;
     let mut out = std::io::stdout().lock();
     for e in entries {
-        let line = if args.json {
-            e.to_json()
-        } else {
-            match (e.lease, e.ttl) {
-                (None, _) => format!("{} {} (permanent)", e.key, e.value),
-                (Some(l), Some(ttl)) => format!("{} {} (lease {l}, ttl {ttl}s)", e.key, e.value),
-                (Some(l), None) => format!("{} {} (lease {l}, expiring)", e.key, e.value),
-            }
-        };
-        if writeln!(out, "{line}").is_err() {
+        if writeln!(out, "{}", e.line(args.json)).is_err() {
             // stdout closed (e.g. piped into head): nothing more to say.
             break;
         }

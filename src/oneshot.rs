@@ -39,6 +39,43 @@ pub async fn announce(
     Ok(lease)
 }
 
+/// Why `announce` wrote nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum AnnounceError {
+    /// `--wait-*` ran out before the instance was healthy.
+    #[error("instance not healthy within {}, nothing written: {last}", humantime::format_duration(*.limit))]
+    NotHealthy {
+        /// The wait.
+        limit: Duration,
+        /// The last probe's outcome.
+        last: Outcome,
+    },
+    /// etcd refused or did not answer.
+    #[error(transparent)]
+    Etcd(#[from] RegistryError),
+}
+
+/// `announce` as a whole: with `wait`, first waits (up to its limit) for the
+/// probe to pass and writes nothing if it never does; then puts the keys.
+pub async fn announce_when_healthy(
+    reg: &mut EtcdRegistry,
+    limit: Duration,
+    keys: &[(String, String)],
+    ttl: Option<Duration>,
+    wait: Option<(&Probe, Duration)>,
+) -> Result<Option<LeaseId>, AnnounceError> {
+    if let Some((probe, wait_limit)) = wait {
+        let last = wait_healthy(probe, wait_limit).await;
+        if !last.ok {
+            return Err(AnnounceError::NotHealthy {
+                limit: wait_limit,
+                last,
+            });
+        }
+    }
+    Ok(announce(reg, limit, keys, ttl).await?)
+}
+
 /// Probes until the instance passes or `limit` runs out, one probe a second
 /// at most. Returns the last outcome.
 pub async fn wait_healthy(probe: &Probe, limit: Duration) -> Outcome {
@@ -120,7 +157,43 @@ pub struct Entry {
     pub ttl: Option<i64>,
 }
 
+impl Withdrawn {
+    /// What `withdraw` says: a line for stdout when keys were deleted, or a
+    /// note for stderr when the key was kept (still exit 0).
+    pub fn report(&self, key: &str, if_value: Option<&str>) -> Report {
+        match self {
+            Withdrawn::Deleted(n) => Report::Stdout(format!("deleted {n} key{}", if *n == 1 { "" } else { "s" })),
+            Withdrawn::Kept { current } => Report::Stderr(format!(
+                "kept {key}: it holds {current:?} now, not {:?}; another instance owns it",
+                if_value.unwrap_or_default()
+            )),
+        }
+    }
+}
+
+/// One line of a command's output, and where it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// Command output.
+    Stdout(String),
+    /// A note for the operator (prefixed `sidekick: `).
+    Stderr(String),
+}
+
 impl Entry {
+    /// The entry as `list` prints it: `KEY VALUE (lease L, ttl Ns)`, or one
+    /// line of JSON with `json`.
+    pub fn line(&self, json: bool) -> String {
+        if json {
+            return self.to_json();
+        }
+        match (self.lease, self.ttl) {
+            (None, _) => format!("{} {} (permanent)", self.key, self.value),
+            (Some(l), Some(ttl)) => format!("{} {} (lease {l}, ttl {ttl}s)", self.key, self.value),
+            (Some(l), None) => format!("{} {} (lease {l}, expiring)", self.key, self.value),
+        }
+    }
+
     /// The entry as one line of JSON, fields in a fixed order: key, value,
     /// lease (hex or null), ttl (seconds or null).
     pub fn to_json(&self) -> String {
@@ -207,5 +280,43 @@ mod tests {
         };
         let v: serde_json::Value = serde_json::from_str(&odd.to_json()).unwrap();
         assert_eq!((v["key"].as_str(), v["value"].as_str()), (Some("/k\"q"), Some("a\nb")));
+    }
+
+    #[test]
+    fn list_lines() {
+        let e = |lease: Option<i64>, ttl: Option<i64>| Entry {
+            key: "/k".into(),
+            value: "v".into(),
+            lease: lease.map(LeaseId),
+            ttl,
+        };
+        for (entry, json, want) in [
+            (e(None, None), false, "/k v (permanent)"),
+            (e(Some(0x2a), Some(9)), false, "/k v (lease 2a, ttl 9s)"),
+            (e(Some(0x2a), None), false, "/k v (lease 2a, expiring)"),
+            (
+                e(None, None),
+                true,
+                r#"{"key":"/k","value":"v","lease":null,"ttl":null}"#,
+            ),
+        ] {
+            assert_eq!(entry.line(json), want);
+        }
+    }
+
+    #[test]
+    fn withdraw_reports() {
+        for (done, if_value, want) in [
+            (Withdrawn::Deleted(0), None, Report::Stdout("deleted 0 keys".into())),
+            (Withdrawn::Deleted(1), None, Report::Stdout("deleted 1 key".into())),
+            (Withdrawn::Deleted(3), None, Report::Stdout("deleted 3 keys".into())),
+            (
+                Withdrawn::Kept { current: "b".into() },
+                Some("a"),
+                Report::Stderr(r#"kept /k: it holds "b" now, not "a"; another instance owns it"#.into()),
+            ),
+        ] {
+            assert_eq!(done.report("/k", if_value), want);
+        }
     }
 }
