@@ -72,6 +72,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // What to keep in etcd, and how.
     let plan = Plan {
         keys: vec![(key, addr.to_string())],
+        shared: vec![],
         timing: Timing {
             interval: Duration::from_secs(2),
             rise: 1,

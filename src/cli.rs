@@ -55,6 +55,10 @@ pub struct RunArgs {
     /// Another KEY=VALUE to keep under the same lease (repeatable).
     #[arg(long = "extra", value_name = "KEY=VALUE")]
     pub extra: Vec<String>,
+    /// A service-level KEY=VALUE that every instance declares (repeatable):
+    /// put only when absent, never overwritten, put again when deleted.
+    #[arg(long = "shared", value_name = "KEY=VALUE")]
+    pub shared: Vec<String>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub probe: ProbeArgs,

@@ -9,13 +9,15 @@ use std::time::Duration;
 use crate::cli::{AnnounceArgs, CheckArgs, EtcdArgs, ProbeArgs, ProbeOptions, RunArgs, TimingArgs, WithdrawArgs};
 use crate::discover::{self, Discovery, Environment};
 use crate::parse::{count, duration, usage};
-pub use crate::parse::{parse_extra, parse_header, parse_host_port, parse_url, UsageError};
+pub use crate::parse::{parse_extra, parse_header, parse_host_port, parse_key_value, parse_url, UsageError};
 
 /// Everything `sidekick run` needs.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     /// The keys to keep, `KEY` first, then every `--extra`.
     pub keys: Vec<(String, String)>,
+    /// The `--shared` keys, put only where absent.
+    pub shared: Vec<(String, String)>,
     /// How the instance is probed; `None` announces unconditionally.
     pub probe: Option<ProbeSpec>,
     /// Probe and lease timing.
@@ -437,14 +439,40 @@ pub fn announce_config(args: &AnnounceArgs, env: &dyn Environment) -> Result<Ann
     Ok(AnnounceConfig { keys, ttl, wait, etcd })
 }
 
+/// The `--shared` keys: none of them also the instance's own, none given
+/// twice with different values.
+fn shared_values(keys: &[(String, String)], shared: &[String]) -> Result<Vec<(String, String)>, UsageError> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for raw in shared {
+        let (k, v) = parse_key_value("--shared", raw)?;
+        if keys.iter().any(|(own, _)| *own == k) {
+            return Err(usage(format!(
+                "--shared: key '{k}' is also given as KEY or --extra; a key is either this instance's or shared"
+            )));
+        }
+        match out.iter().find(|(existing, _)| *existing == k) {
+            Some((_, before)) if *before != v => {
+                return Err(usage(format!(
+                    "--shared: key '{k}' is given twice with different values ('{before}' and '{v}')"
+                )))
+            }
+            Some(_) => {}
+            None => out.push((k, v)),
+        }
+    }
+    Ok(out)
+}
+
 /// Builds the whole `run` configuration.
 pub fn run_config(args: &RunArgs, env: &dyn Environment) -> Result<RunConfig, UsageError> {
     let keys = key_values(&args.key, &args.value, &args.extra)?;
+    let shared = shared_values(&keys, &args.shared)?;
     let probe = probe_spec(&args.probe)?;
     let timing = timing(&args.timing, probe.as_ref())?;
     let etcd = etcd_settings(&args.etcd, env)?;
     Ok(RunConfig {
         keys,
+        shared,
         probe,
         timing,
         etcd,
@@ -465,6 +493,7 @@ mod tests {
             key: "/services/web/1".into(),
             value: "10.0.0.5:8080".into(),
             extra: vec![],
+            shared: vec![],
             probe: ProbeArgs::default(),
             timing: TimingArgs::default(),
             etcd: EtcdArgs {

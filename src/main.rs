@@ -149,6 +149,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     }
     let plan = Plan {
         keys: cfg.keys.clone(),
+        shared: cfg.shared.clone(),
         timing: cfg.timing.clone(),
         stop_timeout: cfg.etcd.dial_timeout,
     };

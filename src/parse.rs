@@ -53,11 +53,14 @@ pub(crate) fn count(flag: &str, raw: &Option<String>, default: u32) -> Result<u3
 
 /// Parses `KEY=VALUE` of `--extra`.
 pub fn parse_extra(raw: &str) -> Result<(String, String), UsageError> {
+    parse_key_value("--extra", raw)
+}
+
+/// Parses `KEY=VALUE` of `flag` (`--extra`, `--shared`).
+pub fn parse_key_value(flag: &str, raw: &str) -> Result<(String, String), UsageError> {
     match raw.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(usage(format!(
-            "--extra: '{raw}' must be KEY=VALUE with a non-empty KEY"
-        ))),
+        _ => Err(usage(format!("{flag}: '{raw}' must be KEY=VALUE with a non-empty KEY"))),
     }
 }
 

@@ -72,6 +72,7 @@ proptest! {
             key: "/k".into(),
             value: "v".into(),
             extra: vec![],
+            shared: vec![],
             probe: ProbeArgs {
                 http: Some(http),
                 tcp: None,

@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use crate::config::Timing;
 use crate::health::{Health, State};
 use crate::probe::{Outcome, Probe};
-use crate::registry::{HeldElsewhere, LeaseId, Registry, RegistryError};
+use crate::registry::{HeldElsewhere, LeaseId, Registry, RegistryError, SharedPresent};
 
 /// Something that can check the instance once.
 #[allow(async_fn_in_trait)]
@@ -39,6 +39,9 @@ impl Check for Probe {
 pub struct Plan {
     /// The keys and values, all under one lease.
     pub keys: Vec<(String, String)>,
+    /// Service-level keys every instance declares: put under the lease only
+    /// where absent, watched, and put again when deleted.
+    pub shared: Vec<(String, String)>,
     /// Probe and lease timing.
     pub timing: Timing,
     /// Bound on the final revoke (the dial timeout).
@@ -147,11 +150,17 @@ struct Lease {
     /// When pending keys may be put (again): keys held elsewhere are tried
     /// once an interval.
     put_at: Instant,
+    /// The shared keys are to be put where absent (after the grant, or
+    /// when one was deleted).
+    shared_due: bool,
+    /// The shared keys are watched for deletion.
+    watching: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Action {
     Grant,
+    Shared,
     Put,
     KeepAlive,
     Revoke,
@@ -173,11 +182,15 @@ async fn registrar<R: Registry>(
     let mut not_before = Instant::now();
     let mut trouble = Trouble::default();
     let mut held = Held::default();
+    let mut shared = SharedNotes::default();
 
     loop {
         let want_up = *state.borrow_and_update() == State::Up;
         let next = match (&lease, want_up) {
             (None, true) => Some((Action::Grant, not_before)),
+            // Shared keys first, so a template never sees this instance
+            // without the service-level keys.
+            (Some(l), true) if l.shared_due => Some((Action::Shared, not_before)),
             (Some(l), true) if !l.pending.is_empty() && l.put_at.max(not_before) <= l.refresh_at => {
                 Some((Action::Put, l.put_at.max(not_before)))
             }
@@ -185,8 +198,23 @@ async fn registrar<R: Registry>(
             (Some(_), false) => Some((Action::Revoke, not_before)),
             (None, false) => None,
         };
+        let watching = lease.as_ref().is_some_and(|l| l.watching);
         let action = tokio::select! {
             _ = shutdown.cancelled() => break,
+            gone = reg.deleted(), if watching => {
+                let l = lease.as_mut().expect("watching needs a lease");
+                l.shared_due = true;
+                match gone {
+                    Ok(keys) => info!(keys = %keys.join(","), "shared key deleted; putting it again"),
+                    Err(e) => {
+                        // Deletions may have gone unseen: check every key.
+                        l.watching = false;
+                        trouble.note(&e);
+                        not_before = Instant::now() + backoff.fail();
+                    }
+                }
+                continue;
+            }
             changed = state.changed() => {
                 if changed.is_err() {
                     // The probe loop has ended, which happens only on shutdown.
@@ -204,7 +232,7 @@ async fn registrar<R: Registry>(
         let result = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            result = apply(action, plan, &mut reg, &mut lease, &mut held, takeover) => result,
+            result = apply(action, plan, &mut reg, &mut lease, (&mut held, &mut shared), takeover) => result,
         };
         match result {
             Ok(complete) => {
@@ -238,7 +266,7 @@ async fn apply<R: Registry>(
     plan: &Plan,
     reg: &mut R,
     lease: &mut Option<Lease>,
-    held: &mut Held,
+    (held, shared): (&mut Held, &mut SharedNotes),
     takeover: bool,
 ) -> Result<bool, RegistryError> {
     let ttl = plan.timing.ttl;
@@ -252,7 +280,21 @@ async fn apply<R: Registry>(
                 pending: (0..plan.keys.len()).collect(),
                 refresh_at: Instant::now() + refresh_every,
                 put_at: Instant::now(),
+                shared_due: !plan.shared.is_empty(),
+                watching: false,
             });
+            Ok(false)
+        }
+        Action::Shared => {
+            let l = lease.as_mut().expect("shared keys need a lease");
+            let (present, revision) = reg.put_shared(l.id, &plan.shared).await?;
+            shared.found(&present, &plan.shared);
+            if !l.watching {
+                let keys: Vec<String> = plan.shared.iter().map(|(k, _)| k.clone()).collect();
+                reg.watch_deleted(&keys, revision + 1).await?;
+                l.watching = true;
+            }
+            l.shared_due = false;
             Ok(false)
         }
         Action::Put => {
@@ -277,12 +319,19 @@ async fn apply<R: Registry>(
                 }
             } else {
                 warn!(lease = %id, "lease expired or was lost in etcd; granting a new one");
+                reg.unwatch();
                 *lease = None;
             }
             Ok(false)
         }
         Action::Revoke => {
             let id = lease.as_ref().expect("revoke needs a lease").id;
+            // Our own shared keys go with the lease; the watch is no longer
+            // ours to act on.
+            reg.unwatch();
+            if let Some(l) = lease.as_mut() {
+                l.watching = false;
+            }
             reg.revoke(id).await?;
             info!(lease = %id, "withdrawn: lease revoked");
             *lease = None;
@@ -326,6 +375,36 @@ impl Trouble {
         let was = !self.seen.is_empty();
         self.seen.clear();
         was
+    }
+}
+
+/// What the shared keys were found holding: a value other than ours is
+/// warned about once per value seen, then left alone.
+#[derive(Debug, Default)]
+struct SharedNotes {
+    warned: Vec<(String, String)>,
+}
+
+impl SharedNotes {
+    fn found(&mut self, present: &[SharedPresent], ours: &[(String, String)]) {
+        for p in present {
+            let Some((_, mine)) = ours.iter().find(|(k, _)| *k == p.key) else {
+                continue;
+            };
+            let holder = p.holder.map_or("no lease".to_string(), |id| format!("lease {id}"));
+            if p.value == *mine {
+                debug!(key = %p.key, holder = %holder, "shared key present");
+            } else if !self.warned.contains(&(p.key.clone(), p.value.clone())) {
+                warn!(
+                    key = %p.key,
+                    theirs = %p.value,
+                    ours = %mine,
+                    holder = %holder,
+                    "shared key holds another value; leaving it as it is"
+                );
+                self.warned.push((p.key.clone(), p.value.clone()));
+            }
+        }
     }
 }
 
@@ -430,6 +509,7 @@ mod tests {
     fn plan(interval_ms: u64, rise: u32, fall: u32, ttl_s: u64) -> Plan {
         Plan {
             keys: vec![(KEY.into(), "v".into()), ("/services/web/scheme".into(), "http".into())],
+            shared: vec![],
             timing: Timing {
                 interval: Duration::from_millis(interval_ms),
                 rise,
@@ -609,6 +689,70 @@ mod tests {
         token.cancel();
         task.await.unwrap();
         assert_eq!(reg.get(KEY), None);
+    }
+
+    const SHARED: &str = "/services/web/host_port";
+
+    fn with_shared(mut p: Plan, key: &str) -> Plan {
+        p.keys = vec![(key.into(), "v".into())];
+        p.shared = vec![(SHARED.into(), "8080".into())];
+        p
+    }
+
+    /// Starts a second sidekick on the same store.
+    fn start_on(reg: &MemoryRegistry, p: Plan) -> (Switch, CancellationToken) {
+        let probe = Switch::default();
+        probe.set(true);
+        let token = CancellationToken::new();
+        tokio::spawn({
+            let (probe, reg, token) = (probe.clone(), reg.clone(), token.clone());
+            async move { run(&p, Some(probe), reg, token).await }
+        });
+        (probe, token)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_key_is_put_where_absent_and_put_again_by_another_instance_when_deleted() {
+        let (probe_a, reg, _token, _task) = start(with_shared(plan(1000, 1, 1, 15), "/services/web/hosts/a"), true);
+        at(0.5).await;
+        let (_, lease_a) = reg.get(SHARED).expect("put by the first instance");
+        let (probe_b, _token_b) = start_on(&reg, with_shared(plan(1000, 1, 1, 15), "/services/web/hosts/b"));
+        at(0.5).await;
+        let (_, lease_b) = reg.get("/services/web/hosts/b").expect("second instance registered");
+        assert_eq!(reg.get(SHARED).map(|(_, l)| l), Some(lease_a), "never taken over");
+        let revisions = reg.revisions();
+        at(30.0).await;
+        assert_eq!(reg.revisions(), revisions, "zero revisions while steady");
+
+        // The holder goes down: its lease takes the shared key, and the
+        // other instance puts it back at once under its own lease.
+        probe_a.set(false);
+        at(1.0).await;
+        assert_eq!(reg.get("/services/web/hosts/a"), None);
+        assert_eq!(reg.get(SHARED), Some(("8080".into(), lease_b)));
+
+        // Deleted by hand while an instance is registered: back again.
+        reg.delete(SHARED);
+        at(0.01).await;
+        assert_eq!(reg.get(SHARED), Some(("8080".into(), lease_b)));
+
+        // The last one goes: so does the shared key.
+        probe_b.set(false);
+        at(1.0).await;
+        assert_eq!(reg.get(SHARED), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_foreign_or_permanent_shared_value_is_never_overwritten() {
+        let reg = MemoryRegistry::new();
+        reg.put_foreign(SHARED, "9090", 0);
+        let (_probe, _token) = start_on(&reg, with_shared(plan(1000, 1, 1, 15), "/services/web/hosts/a"));
+        at(0.5).await;
+        assert!(reg.get("/services/web/hosts/a").is_some(), "registers all the same");
+        assert_eq!(reg.get(SHARED), Some(("9090".into(), None)));
+        at(10.0).await;
+        assert_eq!(reg.get(SHARED), Some(("9090".into(), None)));
+        assert_eq!(reg.calls("put_shared"), 1, "checked once, not every interval");
     }
 
     #[test]

@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, Error, Identity, LeaseKeepAliveStream, LeaseKeeper,
-    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, Error, EventType, Identity, LeaseKeepAliveStream,
+    LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions, WatchStream,
 };
 use tracing::{debug, info};
 
-use super::{HeldElsewhere, LeaseId, Registry, RegistryError};
+use super::{HeldElsewhere, LeaseId, Registry, RegistryError, SharedPresent};
 use crate::config::EtcdSettings;
 
 /// Builds the connection options, reading the TLS files now so that a
@@ -90,6 +90,8 @@ pub struct EtcdRegistry {
     timeout: Duration,
     client: Option<Client>,
     keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    /// The watch on the shared keys, with the endpoint it was opened on.
+    watch: Option<(WatchStream, String)>,
 }
 
 impl std::fmt::Debug for EtcdRegistry {
@@ -113,6 +115,7 @@ impl EtcdRegistry {
             timeout,
             client: None,
             keeper: None,
+            watch: None,
         }
     }
 
@@ -291,6 +294,115 @@ impl Registry for EtcdRegistry {
             info!(lease = %lease, "lease was already gone");
         }
         Ok(())
+    }
+
+    async fn put_shared(
+        &mut self,
+        lease: LeaseId,
+        keys: &[(String, String)],
+    ) -> Result<(Vec<SharedPresent>, i64), RegistryError> {
+        let mut present = Vec::new();
+        let mut revision = 0;
+        for (k, v) in keys {
+            let txn = Txn::new()
+                .when([Compare::create_revision(k.as_str(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    k.as_str(),
+                    v.as_str(),
+                    Some(PutOptions::new().with_lease(lease.0)),
+                )])
+                .or_else([TxnOp::get(k.as_str(), None)]);
+            let resp = self
+                .call("put a shared key", async |c| c.txn(txn).await)
+                .await
+                .map_err(|e| e.writing(std::slice::from_ref(&(k.clone(), v.clone()))))?;
+            revision = revision.max(resp.header().map_or(0, |h| h.revision()));
+            if resp.succeeded() {
+                continue;
+            }
+            let found = resp.op_responses().into_iter().find_map(|r| match r {
+                TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+                _ => None,
+            });
+            // Gone between the compare and the read: the watch, which
+            // starts at this revision, sees the deletion.
+            if let Some(kv) = found {
+                present.push(SharedPresent {
+                    key: k.clone(),
+                    value: String::from_utf8_lossy(kv.value()).into_owned(),
+                    holder: (kv.lease() != 0).then_some(LeaseId(kv.lease())),
+                });
+            }
+        }
+        Ok((present, revision))
+    }
+
+    async fn watch_deleted(&mut self, keys: &[String], from: i64) -> Result<(), RegistryError> {
+        self.watch = None;
+        let Some((first, rest)) = keys.split_first() else {
+            return Ok(());
+        };
+        // Deletions only: the puts of other instances wake nobody.
+        let options = || {
+            WatchOptions::new()
+                .with_start_revision(from)
+                .with_filters([WatchFilterType::NoPut])
+        };
+        let stream = self
+            .call("watch the shared keys", async |c| {
+                let mut stream = c.watch(first.as_str(), Some(options())).await?;
+                for k in rest {
+                    stream.watch(k.as_str(), Some(options())).await?;
+                }
+                Ok(stream)
+            })
+            .await?;
+        self.watch = Some((stream, self.endpoint().to_string()));
+        Ok(())
+    }
+
+    async fn deleted(&mut self) -> Result<Vec<String>, RegistryError> {
+        let Some((stream, endpoint)) = self.watch.as_mut() else {
+            return std::future::pending().await;
+        };
+        let broke = |cause: String, endpoint: &str| RegistryError {
+            op: "watch the shared keys",
+            endpoint: endpoint.to_string(),
+            cause,
+        };
+        loop {
+            let resp = match stream.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    let e = broke("etcd closed the watch".into(), endpoint);
+                    self.watch = None;
+                    return Err(e);
+                }
+                Err(err) => {
+                    let e = broke(cause(&err), endpoint);
+                    self.watch = None;
+                    return Err(e);
+                }
+            };
+            if resp.canceled() {
+                let e = broke(format!("etcd cancelled the watch: {}", resp.cancel_reason()), endpoint);
+                self.watch = None;
+                return Err(e);
+            }
+            let gone: Vec<String> = resp
+                .events()
+                .iter()
+                .filter(|e| e.event_type() == EventType::Delete)
+                .filter_map(|e| e.kv().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()))
+                .collect();
+            if !gone.is_empty() {
+                return Ok(gone);
+            }
+        }
+    }
+
+    fn unwatch(&mut self) {
+        self.watch = None;
     }
 
     fn endpoint(&self) -> &str {

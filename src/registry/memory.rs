@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{HeldElsewhere, LeaseId, Registry, RegistryError};
+use tokio::sync::mpsc;
+
+use super::{HeldElsewhere, LeaseId, Registry, RegistryError, SharedPresent};
 
 #[derive(Debug, Default)]
 struct Store {
@@ -23,6 +25,8 @@ struct Store {
     unreachable: bool,
     /// Calls by operation name.
     calls: HashMap<&'static str, u64>,
+    /// Open watches: the keys, and where their deletions go.
+    watches: Vec<(Vec<String>, mpsc::UnboundedSender<String>)>,
 }
 
 impl Store {
@@ -41,19 +45,44 @@ impl Store {
 
     fn drop_lease(&mut self, id: i64) {
         self.leases.remove(&id);
-        let before = self.keys.len();
-        self.keys.retain(|_, (_, l)| *l != id);
-        if self.keys.len() != before {
+        let gone: Vec<String> = self
+            .keys
+            .iter()
+            .filter(|(_, (_, l))| *l == id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if !gone.is_empty() {
             self.revisions += 1;
+        }
+        for k in gone {
+            self.delete(&k);
+        }
+    }
+
+    fn delete(&mut self, key: &str) {
+        if self.keys.remove(key).is_some() {
+            self.watches
+                .retain(|(keys, tx)| !keys.iter().any(|k| k == key) || tx.send(key.to_string()).is_ok());
         }
     }
 }
 
 /// A shared in-memory store; clones see the same data, so a test keeps one
-/// handle to look at while the sidekick owns another.
-#[derive(Debug, Clone, Default)]
+/// handle to look at while the sidekick owns another. Each handle has its
+/// own watch.
+#[derive(Debug, Default)]
 pub struct MemoryRegistry {
     store: Arc<Mutex<Store>>,
+    watch: Option<mpsc::UnboundedReceiver<String>>,
+}
+
+impl Clone for MemoryRegistry {
+    fn clone(&self) -> Self {
+        MemoryRegistry {
+            store: self.store.clone(),
+            watch: None,
+        }
+    }
 }
 
 impl MemoryRegistry {
@@ -92,6 +121,13 @@ impl MemoryRegistry {
         s.revisions += 1;
     }
 
+    /// Deletes `key` as another writer (or etcdctl) would.
+    pub fn delete(&self, key: &str) {
+        let mut s = self.store.lock().expect("store lock");
+        s.delete(key);
+        s.revisions += 1;
+    }
+
     /// Makes every operation fail (`true`) or work again (`false`).
     pub fn set_unreachable(&self, unreachable: bool) {
         self.store.lock().expect("store lock").unreachable = unreachable;
@@ -102,6 +138,7 @@ impl MemoryRegistry {
         let mut s = self.store.lock().expect("store lock");
         s.keys.clear();
         s.leases.clear();
+        s.watches.clear();
     }
 
     /// Revisions written so far.
@@ -175,6 +212,50 @@ impl Registry for MemoryRegistry {
         let mut s = self.begin("revoke")?;
         s.drop_lease(lease.0);
         Ok(())
+    }
+
+    async fn put_shared(
+        &mut self,
+        lease: LeaseId,
+        keys: &[(String, String)],
+    ) -> Result<(Vec<SharedPresent>, i64), RegistryError> {
+        let mut s = self.begin("put_shared")?;
+        let mut present = Vec::new();
+        for (k, v) in keys {
+            match s.keys.get(k) {
+                Some((value, l)) => present.push(SharedPresent {
+                    key: k.clone(),
+                    value: value.clone(),
+                    holder: (*l != 0).then_some(LeaseId(*l)),
+                }),
+                None => {
+                    s.keys.insert(k.clone(), (v.clone(), lease.0));
+                    s.revisions += 1;
+                }
+            }
+        }
+        Ok((present, s.revisions as i64))
+    }
+
+    async fn watch_deleted(&mut self, keys: &[String], _from: i64) -> Result<(), RegistryError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.begin("watch")?.watches.push((keys.to_vec(), tx));
+        self.watch = Some(rx);
+        Ok(())
+    }
+
+    async fn deleted(&mut self) -> Result<Vec<String>, RegistryError> {
+        let Some(rx) = self.watch.as_mut() else {
+            return std::future::pending().await;
+        };
+        match rx.recv().await {
+            Some(key) => Ok(vec![key]),
+            None => std::future::pending().await,
+        }
+    }
+
+    fn unwatch(&mut self) {
+        self.watch = None;
     }
 
     fn endpoint(&self) -> &str {

@@ -34,6 +34,17 @@ pub struct HeldElsewhere {
     pub holder: Option<LeaseId>,
 }
 
+/// A shared key found present by a put-if-absent, so left as it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedPresent {
+    /// The key.
+    pub key: String,
+    /// Its value there.
+    pub value: String,
+    /// The lease holding it; `None` for a permanent key.
+    pub holder: Option<LeaseId>,
+}
+
 /// Why an etcd operation failed. Every such failure is retried.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("could not {op} at {endpoint}: {cause}")]
@@ -80,6 +91,28 @@ pub trait Registry {
     /// Revokes `lease`, deleting exactly the keys still attached to it. A
     /// lease that no longer exists counts as revoked.
     async fn revoke(&mut self, lease: LeaseId) -> Result<(), RegistryError>;
+
+    /// Puts each shared key that does not exist (compared by creation
+    /// revision, one transaction a key) under `lease`, and never touches one
+    /// that does. Returns the keys found present, and the revision at which
+    /// all were checked, from which a watch misses nothing.
+    async fn put_shared(
+        &mut self,
+        lease: LeaseId,
+        keys: &[(String, String)],
+    ) -> Result<(Vec<SharedPresent>, i64), RegistryError>;
+
+    /// Watches `keys` for deletion from revision `from` on, on one stream,
+    /// replacing any earlier watch.
+    async fn watch_deleted(&mut self, keys: &[String], from: i64) -> Result<(), RegistryError>;
+
+    /// Waits for watched keys to be deleted and returns them. Never returns
+    /// while nothing is watched; an error means the watch broke (etcd
+    /// restarted, say) and must be set up again.
+    async fn deleted(&mut self) -> Result<Vec<String>, RegistryError>;
+
+    /// Stops watching.
+    fn unwatch(&mut self);
 
     /// The endpoint in use, for logs and status.
     fn endpoint(&self) -> &str;
