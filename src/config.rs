@@ -179,7 +179,7 @@ pub struct TlsFiles {
 }
 
 /// Parses a humantime duration for `flag`, or its default.
-fn duration(flag: &str, raw: &Option<String>, default: Duration) -> Result<Duration, UsageError> {
+pub(crate) fn duration(flag: &str, raw: &Option<String>, default: Duration) -> Result<Duration, UsageError> {
     match raw {
         None => Ok(default),
         Some(s) => humantime::parse_duration(s.trim()).map_err(|e| {
