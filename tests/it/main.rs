@@ -13,3 +13,4 @@ mod run;
 mod security;
 mod trouble;
 mod units;
+mod wait;
