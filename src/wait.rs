@@ -268,11 +268,8 @@ pub async fn wait(
     let after = format!("timed out after {}", humantime::format_duration(timeout));
     let text = match (&seen, &trouble) {
         (Some(s), None) => format!("{after}: {}", condition.shortfall(s)),
-        (Some(s), Some(t)) => format!(
-            "{after}: {} as last read, before etcd stopped answering ({t})",
-            condition.shortfall(s)
-        ),
-        (None, Some(t)) => format!("{after} {}: etcd never answered ({t})", condition.describe()),
+        (Some(s), Some(t)) => format!("{after}: {} as last read; since then: {t}", condition.shortfall(s)),
+        (None, Some(t)) => format!("{after} {}: {t}", condition.describe()),
         (None, None) => format!("{after} {}: etcd never answered", condition.describe()),
     };
     Err(Error::TimedOut(one_line(&text)))
@@ -347,21 +344,37 @@ async fn round(
     }
 }
 
+/// etcd's default limit on the operations of one transaction.
+const MAX_TXN_OPS: usize = 128;
+
 /// What etcd holds now, and the revision it was read at.
 async fn read(c: &mut Client, condition: &Condition) -> Result<(Seen, i64), etcd_client::Error> {
     let count_only = || Some(GetOptions::new().with_count_only());
     match condition {
         Condition::Keys { keys, .. } => {
-            // One transaction: every key read at the same revision.
-            let ops: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.as_str(), count_only())).collect();
-            let resp = c.txn(Txn::new().and_then(ops)).await?;
-            let revision = resp.header().map_or(0, |h| h.revision());
-            let present = keys
-                .iter()
-                .zip(resp.op_responses())
-                .filter(|(_, r)| matches!(r, TxnOpResponse::Get(g) if g.count() > 0))
-                .map(|(k, _)| k.clone())
-                .collect();
+            // Transactions of at most etcd's default --max-txn-ops gets; the
+            // first fixes the revision, the others read at it, so every key
+            // is read at one revision.
+            let mut revision = 0;
+            let mut present = BTreeSet::new();
+            for chunk in keys.chunks(MAX_TXN_OPS) {
+                let opts = || match revision {
+                    0 => count_only(),
+                    r => count_only().map(|o| o.with_revision(r)),
+                };
+                let ops: Vec<TxnOp> = chunk.iter().map(|k| TxnOp::get(k.as_str(), opts())).collect();
+                let resp = c.txn(Txn::new().and_then(ops)).await?;
+                if revision == 0 {
+                    revision = resp.header().map_or(0, |h| h.revision());
+                }
+                present.extend(
+                    chunk
+                        .iter()
+                        .zip(resp.op_responses())
+                        .filter(|(_, r)| matches!(r, TxnOpResponse::Get(g) if g.count() > 0))
+                        .map(|(k, _)| k.clone()),
+                );
+            }
             Ok((Seen::Keys(present), revision))
         }
         Condition::Count { prefix, .. } => {

@@ -98,6 +98,27 @@ async fn a_condition_already_true_returns_at_once() {
     }
 }
 
+// More keys than etcd allows in one transaction (128 by default): they are
+// read in several, all at one revision.
+#[tokio::test]
+async fn many_keys_are_read_in_several_transactions() {
+    let etcd = Etcd::start().await;
+    let eps = etcd.endpoints();
+    let mut c = etcd.client(0).await;
+    let keys: Vec<String> = (0..300).map(|i| format!("/many/{i:03}")).collect();
+    for k in &keys[..299] {
+        put(&mut c, k, "x").await;
+    }
+    let mut all = vec!["wait", "--endpoints", &eps, "--timeout", "1s"];
+    all.extend(keys.iter().map(String::as_str));
+    let (code, _, stderr) = out(&all);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr, "sidekick: timed out after 1s: missing /many/299\n");
+    put(&mut c, &keys[299], "x").await;
+    let (code, _, stderr) = out(&all);
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
 #[tokio::test]
 async fn keys_put_after_the_wait_started_end_it() {
     let etcd = Etcd::start().await;
@@ -221,6 +242,31 @@ async fn an_etcd_restart_during_the_wait_does_not_end_it() {
     let mut c = etcd.client(0).await;
     put(&mut c, "/svc/b", "1").await;
     ends_with_0(&mut w, "key put while the wait was reconnecting").await;
+}
+
+#[tokio::test]
+async fn a_timeout_while_etcd_is_away_says_what_was_last_read_and_why() {
+    let mut etcd = Etcd::start().await;
+    let eps = etcd.endpoints();
+    let child = sidekick(&["wait", "/svc/a", "--endpoints", &eps, "--timeout", "3s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    watching(&etcd, 0, 1.0).await;
+    etcd.kill(0);
+    let o = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "sidekick: timed out after 3s: missing /svc/a as last read; since then: could not read the keys at {eps}: "
+        )),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
