@@ -43,6 +43,8 @@ pub enum Command {
     Discover(DiscoverArgs),
     /// List keys under PREFIX with their values and remaining lease TTL.
     List(ListArgs),
+    /// Wait until every KEY exists (or, with --gone, none does), or until enough keys exist under --prefix.
+    Wait(WaitCmdArgs),
 }
 
 /// `sidekick run`.
@@ -123,6 +125,29 @@ pub struct ListArgs {
     /// One JSON object a line: key, value, lease (hex or null), ttl (seconds or null).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub etcd: EtcdArgs,
+}
+
+/// `sidekick wait`.
+#[derive(Debug, Args)]
+pub struct WaitCmdArgs {
+    /// Keys that must all exist; with --gone, that must all be absent.
+    #[arg(value_name = "KEY")]
+    pub keys: Vec<String>,
+    /// Count the keys that start with P (a raw prefix) instead of naming them.
+    #[arg(long, value_name = "P")]
+    pub prefix: Option<String>,
+    /// With --prefix: at least N keys; with --gone, at most N [default: 1, or 0 with --gone].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub count: Option<String>,
+    /// Wait for the keys to go instead.
+    #[arg(long)]
+    pub gone: bool,
+    /// Give up after this long and exit 1 [default: 60s].
+    #[arg(long, value_name = "D")]
+    pub timeout: Option<String>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub etcd: EtcdArgs,

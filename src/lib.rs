@@ -14,6 +14,8 @@
 //! - [`sidekick`] ties probe → health → registry together and owns the
 //!   shutdown order; [`shutdown`] turns signals into cancellation.
 //! - [`oneshot`] holds the one-shot etcd commands: announce, withdraw, list.
+//! - [`wait`] blocks until keys exist, are gone, or reach a count, on an
+//!   etcd watch.
 //! - [`exit`] is the one place exit codes are defined.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -31,3 +33,4 @@ pub mod probe;
 pub mod registry;
 pub mod shutdown;
 pub mod sidekick;
+pub mod wait;

@@ -16,6 +16,7 @@ use etcd_sidekick::probe::Probe;
 use etcd_sidekick::registry::{connect_options, EtcdRegistry};
 use etcd_sidekick::shutdown;
 use etcd_sidekick::sidekick::{self, Plan};
+use etcd_sidekick::wait;
 use tracing::info;
 
 /// How a command failed.
@@ -75,7 +76,7 @@ fn clap_exit(e: clap::Error) -> ! {
         .join(" ");
     let line = match e.kind() {
         ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            "a command is required: run, check, announce, withdraw, discover or list (see --help)"
+            "a command is required: run, check, announce, withdraw, discover, list or wait (see --help)"
         }
         _ => line.trim_start_matches("error: "),
     };
@@ -120,6 +121,11 @@ fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         Command::Withdraw(args) => withdraw(args),
         Command::Discover(args) => discover(args),
         Command::List(args) => list(args),
+        Command::Wait(args) => match wait::run(&args, &SystemEnv) {
+            Ok(()) => Ok(ExitCode::Success),
+            Err(wait::Error::Usage(e)) => Err(e.into()),
+            Err(e) => Err(Failure::Runtime(e.into())),
+        },
     }
 }
 

@@ -14,3 +14,4 @@ mod run;
 mod security;
 mod trouble;
 mod units;
+mod wait;
