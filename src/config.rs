@@ -31,7 +31,8 @@ impl RunConfig {
     /// most a third of the TTL, so a keep-alive that hangs leaves time for
     /// another attempt (on the next endpoint) before the lease runs out.
     pub fn call_bound(&self) -> Duration {
-        self.etcd.dial_timeout.min(self.timing.ttl / 3)
+        let third = Duration::from_millis((self.timing.ttl / 3).as_millis() as u64);
+        self.etcd.dial_timeout.min(third)
     }
 }
 

@@ -190,7 +190,9 @@ async fn registrar<R: Registry>(
             (None, true) => Some((Action::Grant, not_before)),
             // Shared keys first, so a template never sees this instance
             // without the service-level keys.
-            (Some(l), true) if l.shared_due => Some((Action::Shared, not_before)),
+            // (A keep-alive that falls due goes first: a put that keeps
+            // failing may mean the lease is gone, which only it finds out.)
+            (Some(l), true) if l.shared_due && not_before <= l.refresh_at => Some((Action::Shared, not_before)),
             (Some(l), true) if !l.pending.is_empty() && l.put_at.max(not_before) <= l.refresh_at => {
                 Some((Action::Put, l.put_at.max(not_before)))
             }
@@ -740,6 +742,23 @@ mod tests {
         probe_b.set(false);
         at(1.0).await;
         assert_eq!(reg.get(SHARED), None);
+    }
+
+    // Regression: after etcd lost its data, the put of the shared keys failed
+    // for ever with "lease not found", ahead of the keep-alive that would
+    // have found the lease gone.
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_lease_with_shared_keys_is_replaced() {
+        let (_probe, reg, _token, _task) = start(with_shared(plan(1000, 1, 1, 6), KEY), true);
+        at(0.5).await;
+        assert!(reg.get(SHARED).is_some());
+        // The wipe breaks the watch, so the shared keys are due again while
+        // the lease is already gone.
+        reg.wipe();
+        at(5.0).await;
+        let (_, lease) = reg.get(KEY).expect("registered again");
+        assert_eq!(reg.get(SHARED).map(|(_, l)| l), Some(lease), "under the new lease");
+        assert_eq!(reg.calls("grant"), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -220,6 +220,13 @@ impl Registry for MemoryRegistry {
         keys: &[(String, String)],
     ) -> Result<(Vec<SharedPresent>, i64), RegistryError> {
         let mut s = self.begin("put_shared")?;
+        if !s.leases.contains_key(&lease.0) {
+            return Err(RegistryError {
+                op: "put_shared",
+                endpoint: "memory".into(),
+                cause: "requested lease not found".into(),
+            });
+        }
         let mut present = Vec::new();
         for (k, v) in keys {
             match s.keys.get(k) {
@@ -250,7 +257,15 @@ impl Registry for MemoryRegistry {
         };
         match rx.recv().await {
             Some(key) => Ok(vec![key]),
-            None => std::future::pending().await,
+            // The store dropped the watch (wiped): as a broken etcd watch.
+            None => {
+                self.watch = None;
+                Err(RegistryError {
+                    op: "watch",
+                    endpoint: "memory".into(),
+                    cause: "watch closed".into(),
+                })
+            }
         }
     }
 

@@ -12,6 +12,7 @@ mod oneshot;
 mod repo;
 mod run;
 mod security;
+mod shared;
 mod trouble;
 mod units;
 mod wait;
