@@ -75,7 +75,7 @@ async fn gap_until_put_again(c: &mut Client, key: &str, limit: Duration) -> Opti
 async fn the_holder_withdraws_and_another_instance_puts_the_key_again_at_once() {
     let etcd = Etcd::start().await;
     let backend = Backend::start();
-    let mut sks = instances(&etcd, &backend, 2).await;
+    let sks = instances(&etcd, &backend, 2).await;
     let mut c = etcd.client(0).await;
     let first = lease_of(&mut c, "/services/web/hosts/1").await;
     let second = lease_of(&mut c, "/services/web/hosts/2").await;
@@ -128,7 +128,7 @@ async fn the_holder_withdraws_and_another_instance_puts_the_key_again_at_once() 
 async fn three_instances_keep_the_keys_until_the_last_one_goes() {
     let etcd = Etcd::start().await;
     let backend = Backend::start();
-    let mut sks = instances(&etcd, &backend, 3).await;
+    let sks = instances(&etcd, &backend, 3).await;
     let mut c = etcd.client(0).await;
     let holder = lease_of(&mut c, SCHEME).await;
 
