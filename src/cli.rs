@@ -61,6 +61,22 @@ pub struct RunArgs {
     /// put only when absent, never overwritten, put again when deleted.
     #[arg(long = "shared", value_name = "KEY=VALUE")]
     pub shared: Vec<String>,
+    /// Serve /healthz, /status (JSON) and /metrics (Prometheus) on HOST:PORT [default: off].
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        env = "SIDEKICK_STATUS_ADDR",
+        help_heading = "Operability"
+    )]
+    pub status_addr: Option<String>,
+    /// While PATH exists the keys are withdrawn and probing goes on (also SIGUSR1 enters, SIGUSR2 leaves).
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "SIDEKICK_MAINTENANCE_FILE",
+        help_heading = "Operability"
+    )]
+    pub maintenance_file: Option<String>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub probe: ProbeArgs,

@@ -18,6 +18,10 @@ pub struct RunConfig {
     pub keys: Vec<(String, String)>,
     /// The `--shared` keys, put only where absent.
     pub shared: Vec<(String, String)>,
+    /// `--status-addr`: where to serve /healthz, /status and /metrics.
+    pub status_addr: Option<(String, u16)>,
+    /// `--maintenance-file`.
+    pub maintenance_file: Option<std::path::PathBuf>,
     /// How the instance is probed; `None` announces unconditionally.
     pub probe: Option<ProbeSpec>,
     /// Probe and lease timing.
@@ -468,12 +472,23 @@ fn shared_values(keys: &[(String, String)], shared: &[String]) -> Result<Vec<(St
 pub fn run_config(args: &RunArgs, env: &dyn Environment) -> Result<RunConfig, UsageError> {
     let keys = key_values(&args.key, &args.value, &args.extra)?;
     let shared = shared_values(&keys, &args.shared)?;
+    let status_addr = args
+        .status_addr
+        .as_deref()
+        .map(|a| parse_host_port("--status-addr", a))
+        .transpose()?;
+    let maintenance_file = match args.maintenance_file.as_deref() {
+        Some("") => return Err(usage("--maintenance-file: the path must not be empty")),
+        other => other.map(std::path::PathBuf::from),
+    };
     let probe = probe_spec(&args.probe)?;
     let timing = timing(&args.timing, probe.as_ref())?;
     let etcd = etcd_settings(&args.etcd, env)?;
     Ok(RunConfig {
         keys,
         shared,
+        status_addr,
+        maintenance_file,
         probe,
         timing,
         etcd,
@@ -495,6 +510,8 @@ mod tests {
             value: "10.0.0.5:8080".into(),
             extra: vec![],
             shared: vec![],
+            status_addr: None,
+            maintenance_file: None,
             probe: ProbeArgs::default(),
             timing: TimingArgs::default(),
             etcd: EtcdArgs {

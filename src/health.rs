@@ -12,6 +12,10 @@ pub enum State {
     Up,
     /// Unhealthy: the keys must not be in etcd.
     Down,
+    /// Taken out on purpose (`--maintenance-file`, SIGUSR1): the keys must
+    /// not be in etcd, whatever the probes say. Set from outside the
+    /// machine, which never enters it.
+    Maintenance,
 }
 
 impl State {
@@ -21,6 +25,7 @@ impl State {
             State::Starting => "starting",
             State::Up => "up",
             State::Down => "down",
+            State::Maintenance => "maintenance",
         }
     }
 }

@@ -25,6 +25,8 @@ pub mod config;
 pub mod discover;
 pub mod exit;
 pub mod health;
+pub mod hooks;
+pub mod notify;
 pub mod oneshot;
 pub mod parse;
 #[cfg(test)]
@@ -33,4 +35,5 @@ pub mod probe;
 pub mod registry;
 pub mod shutdown;
 pub mod sidekick;
+pub mod status;
 pub mod wait;

@@ -11,6 +11,7 @@ use etcd_sidekick::cli::{
 use etcd_sidekick::config::{self, EtcdSettings, UsageError};
 use etcd_sidekick::discover::SystemEnv;
 use etcd_sidekick::exit::ExitCode;
+use etcd_sidekick::hooks::Hooks;
 use etcd_sidekick::oneshot::{self, Report};
 use etcd_sidekick::probe::Probe;
 use etcd_sidekick::registry::{connect_options, EtcdRegistry};
@@ -163,7 +164,12 @@ fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     runtime()?.block_on(async {
         let token =
             shutdown::on_signals().map_err(|e| anyhow::Error::new(e).context("could not install signal handlers"))?;
-        sidekick::run(&plan, probe, registry, token).await;
+        let switch = shutdown::maintenance_switch()
+            .map_err(|e| anyhow::Error::new(e).context("could not install signal handlers"))?;
+        let hooks = Hooks::for_run(&cfg, Some(switch), token.clone())
+            .await
+            .map_err(|e| anyhow::Error::new(e).context("could not serve --status-addr"))?;
+        sidekick::run_with(&plan, probe, registry, token, &hooks).await;
         Ok::<_, Failure>(())
     })?;
     Ok(ExitCode::Success)

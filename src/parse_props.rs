@@ -73,6 +73,8 @@ proptest! {
             value: "v".into(),
             extra: vec![],
             shared: vec![],
+            status_addr: None,
+            maintenance_file: None,
             probe: ProbeArgs {
                 http: Some(http),
                 tcp: None,

@@ -1,5 +1,6 @@
 //! Signals → cancellation: the first SIGTERM/SIGINT cancels the token, which
-//! every loop watches; a second one exits at once.
+//! every loop watches; a second one exits at once. SIGUSR1/SIGUSR2 are the
+//! maintenance switch.
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -29,4 +30,25 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
         std::process::exit(ExitCode::Success.code());
     });
     Ok(token)
+}
+
+/// SIGUSR1 (enter) and SIGUSR2 (leave) as a maintenance switch. Must be
+/// called inside a tokio runtime.
+pub fn maintenance_switch() -> std::io::Result<tokio::sync::watch::Receiver<bool>> {
+    let mut enter = signal(SignalKind::user_defined1())?;
+    let mut leave = signal(SignalKind::user_defined2())?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let on = tokio::select! {
+                _ = enter.recv() => true,
+                _ = leave.recv() => false,
+            };
+            info!(signal = if on { "SIGUSR1" } else { "SIGUSR2" }, "maintenance switch");
+            if tx.send(on).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
 }

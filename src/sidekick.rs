@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Timing;
 use crate::health::{Health, State};
+use crate::hooks::Hooks;
 use crate::probe::{Outcome, Probe};
 use crate::registry::{HeldElsewhere, LeaseId, Registry, RegistryError, SharedPresent};
 
@@ -52,15 +53,26 @@ pub struct Plan {
 ///
 /// Without a probe the instance counts as up from the start.
 pub async fn run<P: Check, R: Registry>(plan: &Plan, probe: Option<P>, registry: R, shutdown: CancellationToken) {
+    run_with(plan, probe, registry, shutdown, &Hooks::default()).await
+}
+
+/// [`run`], reporting to (and taking maintenance from) `hooks`.
+pub async fn run_with<P: Check, R: Registry>(
+    plan: &Plan,
+    probe: Option<P>,
+    registry: R,
+    shutdown: CancellationToken,
+    hooks: &Hooks,
+) {
     let initial = if probe.is_some() { State::Starting } else { State::Up };
     let (tx, rx) = watch::channel(initial);
     let probing = async {
         match &probe {
-            Some(p) => probe_loop(p, &plan.timing, &tx, &shutdown).await,
+            Some(p) => probe_loop(p, &plan.timing, &tx, hooks, &shutdown).await,
             None => shutdown.cancelled().await,
         }
     };
-    let (_, was_registered) = tokio::join!(probing, registrar(plan, registry, rx, &shutdown));
+    let (_, was_registered) = tokio::join!(probing, registrar(plan, registry, rx, hooks, &shutdown));
 
     // Shutdown order: probing has stopped and the lease is revoked (or left
     // to expire if etcd did not answer in time); now give the load balancer
@@ -77,14 +89,51 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(1.0 - fastrand::f64() * 0.1)
 }
 
-async fn probe_loop<P: Check>(probe: &P, timing: &Timing, tx: &watch::Sender<State>, shutdown: &CancellationToken) {
+async fn probe_loop<P: Check>(
+    probe: &P,
+    timing: &Timing,
+    tx: &watch::Sender<State>,
+    hooks: &Hooks,
+    shutdown: &CancellationToken,
+) {
     let start = Instant::now();
     let mut health = Health::new(timing.rise, timing.fall, timing.grace);
     let mut next = start;
+    let mut switch = hooks.maintenance_switch.clone();
+    let mut ping = hooks.watchdog.map(|every| Instant::now() + every);
+    let mut maintenance = false;
     loop {
-        tokio::select! {
+        let probe_due = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = sleep_until(next) => {}
+            _ = sleep_until(next) => true,
+            _ = changed(&mut switch) => false,
+            _ = sleep_until(ping.unwrap_or(next)), if ping.is_some() => {
+                // From the loop itself, between probes: a wedged loop stops
+                // the pings and systemd restarts it.
+                hooks.watchdog();
+                ping = hooks.watchdog.map(|every| Instant::now() + every);
+                continue;
+            }
+        };
+        let now = hooks.in_maintenance();
+        if now != maintenance {
+            maintenance = now;
+            if maintenance {
+                info!("entering maintenance: withdrawing the keys; probing goes on");
+                hooks.state(State::Maintenance, "maintenance, withdrawn");
+                tx.send_replace(State::Maintenance);
+            } else {
+                info!(
+                    rise = timing.rise,
+                    "leaving maintenance: registering again after rise successes"
+                );
+                health = Health::new(timing.rise, timing.fall, Duration::ZERO);
+                hooks.state(State::Starting, "leaving maintenance, probing");
+                tx.send_replace(State::Starting);
+            }
+        }
+        if !probe_due {
+            continue;
         }
         let began = Instant::now();
         next = began + jitter(timing.interval);
@@ -92,11 +141,34 @@ async fn probe_loop<P: Check>(probe: &P, timing: &Timing, tx: &watch::Sender<Sta
             _ = shutdown.cancelled() => return,
             o = probe.check() => o,
         };
+        if maintenance {
+            hooks.probed(&outcome, 0);
+            debug!(probe = %outcome, "probe (in maintenance)");
+            continue;
+        }
         let was = health.state();
-        match health.observe(outcome.ok, began - start) {
-            Some(State::Up) => info!(probe = %outcome, "instance is up"),
-            Some(State::Down) => warn!(probe = %outcome, "instance is down"),
-            Some(State::Starting) => {}
+        let changed_to = health.observe(outcome.ok, began - start);
+        hooks.probed(
+            &outcome,
+            if health.state() == State::Up {
+                health.failures()
+            } else {
+                0
+            },
+        );
+        match changed_to {
+            Some(State::Up) => {
+                info!(probe = %outcome, "instance is up");
+                hooks.state(State::Up, &format!("instance healthy: {}", outcome.detail));
+            }
+            Some(State::Down) => {
+                warn!(probe = %outcome, "instance is down");
+                hooks.state(
+                    State::Down,
+                    &format!("instance unhealthy: {}, withdrawn", outcome.detail),
+                );
+            }
+            Some(_) => {}
             None if !outcome.ok && was == State::Up && health.failures() > 0 => info!(
                 probe = %outcome,
                 "probe failed ({} of {} before withdrawal)",
@@ -106,6 +178,18 @@ async fn probe_loop<P: Check>(probe: &P, timing: &Timing, tx: &watch::Sender<Sta
             None => debug!(probe = %outcome, state = health.state().as_str(), "probe"),
         }
         tx.send_if_modified(|s| std::mem::replace(s, health.state()) != health.state());
+    }
+}
+
+/// Waits for the maintenance switch to flip; never returns without one.
+async fn changed(switch: &mut Option<watch::Receiver<bool>>) {
+    match switch {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                *switch = None;
+            }
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -172,6 +256,7 @@ async fn registrar<R: Registry>(
     plan: &Plan,
     mut reg: R,
     mut state: watch::Receiver<State>,
+    hooks: &Hooks,
     shutdown: &CancellationToken,
 ) -> bool {
     let mut lease: Option<Lease> = None;
@@ -211,7 +296,8 @@ async fn registrar<R: Registry>(
                     Err(e) => {
                         // Deletions may have gone unseen: check every key.
                         l.watching = false;
-                        trouble.note(&e);
+                        let first = trouble.note(&e);
+                        hooks.etcd_failed(false, &e.endpoint, &e.to_string(), first);
                         not_before = Instant::now() + backoff.fail();
                     }
                 }
@@ -234,7 +320,7 @@ async fn registrar<R: Registry>(
         let result = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            result = apply(action, plan, &mut reg, &mut lease, (&mut held, &mut shared), takeover) => result,
+            result = apply(action, plan, &mut reg, &mut lease, (&mut held, &mut shared), hooks, takeover) => result,
         };
         match result {
             Ok(complete) => {
@@ -248,11 +334,14 @@ async fn registrar<R: Registry>(
                 not_before = Instant::now();
             }
             Err(e) => {
-                trouble.note(&e);
+                let first = trouble.note(&e);
+                hooks.etcd_failed(action == Action::KeepAlive, &e.endpoint, &e.to_string(), first);
                 not_before = Instant::now() + backoff.fail();
             }
         }
     }
+
+    hooks.stopping();
 
     let registered = lease.as_ref().is_some_and(|l| l.pending.len() < plan.keys.len());
     if let Some(l) = lease {
@@ -269,6 +358,7 @@ async fn apply<R: Registry>(
     reg: &mut R,
     lease: &mut Option<Lease>,
     (held, shared): (&mut Held, &mut SharedNotes),
+    hooks: &Hooks,
     takeover: bool,
 ) -> Result<bool, RegistryError> {
     let ttl = plan.timing.ttl;
@@ -306,7 +396,9 @@ async fn apply<R: Registry>(
             l.pending.retain(|&i| elsewhere.iter().any(|h| h.key == plan.keys[i].0));
             held.update(&keys, &elsewhere);
             if l.pending.is_empty() {
-                info!(lease = %l.id, keys = %key_list(&plan.keys), endpoint = %reg.endpoint(), "registered");
+                let keys = key_list(&plan.keys);
+                info!(lease = %l.id, keys = %keys, endpoint = %reg.endpoint(), "registered");
+                hooks.registered(l.id, plan.timing.ttl, reg.endpoint(), &keys);
                 return Ok(true);
             }
             // Try the held keys again each interval.
@@ -319,8 +411,10 @@ async fn apply<R: Registry>(
                 if let Some(l) = lease.as_mut() {
                     l.refresh_at = Instant::now() + refresh_every;
                 }
+                hooks.kept_alive();
             } else {
                 warn!(lease = %id, "lease expired or was lost in etcd; granting a new one");
+                hooks.withdrawn("lease lost in etcd, registering again");
                 reg.unwatch();
                 *lease = None;
             }
@@ -336,6 +430,7 @@ async fn apply<R: Registry>(
             }
             reg.revoke(id).await?;
             info!(lease = %id, "withdrawn: lease revoked");
+            hooks.withdrawn(&format!("withdrawn, lease {id} revoked"));
             *lease = None;
             Ok(false)
         }
@@ -362,13 +457,16 @@ struct Trouble {
 }
 
 impl Trouble {
-    fn note(&mut self, e: &RegistryError) {
+    /// Logs `e`; true when its cause is new in this outage.
+    fn note(&mut self, e: &RegistryError) -> bool {
         let cause = (e.op, e.cause.replace(&e.endpoint, "ENDPOINT"));
         if self.seen.contains(&cause) {
             debug!(endpoint = %e.endpoint, "{e}; retrying");
+            false
         } else {
             warn!(endpoint = %e.endpoint, "{e}; retrying");
             self.seen.push(cause);
+            true
         }
     }
 

@@ -1,0 +1,383 @@
+//! What a running sidekick says about itself: a board the loop writes its
+//! probes, states and etcd events to, and the `--status-addr` server that
+//! reads it (`/healthz`, `/status` as JSON, `/metrics` in Prometheus' text
+//! format). Without `--status-addr` there is no board and no server: the
+//! loop's writes are skipped before they cost anything.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::probe::Outcome;
+use crate::registry::LeaseId;
+
+/// Upper bounds of the probe duration histogram, in seconds.
+const BUCKETS: [f64; 11] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+/// Probes kept for `/status`.
+const LAST_PROBES: usize = 5;
+
+/// One probe as `/status` shows it.
+#[derive(Debug, Clone)]
+struct ProbeRecord {
+    ok: bool,
+    latency: Duration,
+    detail: String,
+}
+
+#[derive(Debug)]
+struct Snapshot {
+    state: &'static str,
+    /// Consecutive failures while up: the state shows as `suspect`.
+    failing: u32,
+    lease: Option<(LeaseId, Duration, Instant)>,
+    registered: bool,
+    endpoint: String,
+    last_probes: VecDeque<ProbeRecord>,
+    last_error: Option<String>,
+    probes_ok: u64,
+    probes_failed: u64,
+    transitions: u64,
+    keepalive_failures: u64,
+    buckets: [u64; BUCKETS.len()],
+    duration_sum: f64,
+    /// The probe loop's last turn, for `/healthz`.
+    tick: Instant,
+}
+
+/// The status of one service, shared by the loop and the server.
+#[derive(Debug)]
+pub struct Board {
+    service: String,
+    keys: Vec<String>,
+    /// How long the probe loop may be silent before `/healthz` fails.
+    stall: Duration,
+    inner: Mutex<Snapshot>,
+}
+
+impl Board {
+    /// A board for `service` (the label of every metric) keeping `keys`;
+    /// `/healthz` fails when the loop has not turned for `stall`.
+    pub fn new(service: &str, keys: Vec<String>, endpoint: &str, stall: Duration) -> Self {
+        Board {
+            service: service.to_string(),
+            keys,
+            stall,
+            inner: Mutex::new(Snapshot {
+                state: "starting",
+                failing: 0,
+                lease: None,
+                registered: false,
+                endpoint: endpoint.to_string(),
+                last_probes: VecDeque::with_capacity(LAST_PROBES),
+                last_error: None,
+                probes_ok: 0,
+                probes_failed: 0,
+                transitions: 0,
+                keepalive_failures: 0,
+                buckets: [0; BUCKETS.len()],
+                duration_sum: 0.0,
+                tick: Instant::now(),
+            }),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Snapshot) -> T) -> T {
+        f(&mut self.inner.lock().expect("status board lock"))
+    }
+
+    /// The probe loop turned.
+    pub fn tick(&self) {
+        self.with(|s| s.tick = Instant::now());
+    }
+
+    /// A probe's outcome, and the consecutive failures it leaves.
+    pub fn probe(&self, o: &Outcome, failing: u32) {
+        self.with(|s| {
+            if s.last_probes.len() == LAST_PROBES {
+                s.last_probes.pop_front();
+            }
+            s.last_probes.push_back(ProbeRecord {
+                ok: o.ok,
+                latency: o.latency,
+                detail: o.detail.clone(),
+            });
+            if o.ok {
+                s.probes_ok += 1;
+            } else {
+                s.probes_failed += 1;
+            }
+            s.failing = failing;
+            let secs = o.latency.as_secs_f64();
+            s.duration_sum += secs;
+            for (i, le) in BUCKETS.iter().enumerate() {
+                if secs <= *le {
+                    s.buckets[i] += 1;
+                }
+            }
+        });
+    }
+
+    /// A new state (`starting`, `up`, `down`, `maintenance`).
+    pub fn state(&self, state: &'static str) {
+        self.with(|s| {
+            if s.state != state {
+                s.transitions += 1;
+                s.state = state;
+            }
+        });
+    }
+
+    /// The keys are in etcd under `lease` of `ttl`, through `endpoint`.
+    pub fn registered(&self, lease: LeaseId, ttl: Duration, endpoint: &str) {
+        self.with(|s| {
+            s.lease = Some((lease, ttl, Instant::now()));
+            s.registered = true;
+            s.endpoint = endpoint.to_string();
+            s.last_error = None;
+        });
+    }
+
+    /// The lease was refreshed.
+    pub fn kept_alive(&self) {
+        self.with(|s| {
+            if let Some((_, _, at)) = s.lease.as_mut() {
+                *at = Instant::now();
+            }
+            s.last_error = None;
+        });
+    }
+
+    /// The keys are no longer in etcd (withdrawn, or the lease was lost).
+    pub fn withdrawn(&self) {
+        self.with(|s| {
+            s.lease = None;
+            s.registered = false;
+        });
+    }
+
+    /// An etcd call failed.
+    pub fn etcd_error(&self, keep_alive: bool, endpoint: &str, text: String) {
+        self.with(|s| {
+            if keep_alive {
+                s.keepalive_failures += 1;
+            }
+            s.endpoint = endpoint.to_string();
+            s.last_error = Some(text);
+        });
+    }
+
+    /// Whether the probe loop turned recently.
+    pub fn healthy(&self) -> bool {
+        self.with(|s| s.tick.elapsed() <= self.stall)
+    }
+
+    /// `/status`: one JSON object.
+    pub fn to_json(&self) -> String {
+        self.with(|s| {
+            let state = if s.state == "up" && s.failing > 0 {
+                "suspect"
+            } else {
+                s.state
+            };
+            let ttl = s
+                .lease
+                .map(|(_, ttl, at)| ttl.saturating_sub(at.elapsed()).as_secs_f64());
+            let probes: Vec<serde_json::Value> = s
+                .last_probes
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "ok": p.ok,
+                        "latency_s": p.latency.as_secs_f64(),
+                        "detail": p.detail,
+                        "error": if p.ok { None } else { Some(&p.detail) },
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "service": self.service,
+                "state": state,
+                "keys": self.keys,
+                "lease_id": s.lease.map(|(l, _, _)| l.to_string()),
+                "ttl_remaining_s": ttl,
+                "etcd_endpoint": s.endpoint,
+                "last_probes": probes,
+                "last_error": s.last_error,
+            })
+            .to_string()
+        })
+    }
+
+    /// `/metrics`: Prometheus' text format, every series labelled `service`.
+    pub fn to_metrics(&self) -> String {
+        let label = format!("service=\"{}\"", escape_label(&self.service));
+        self.with(|s| {
+            let mut out = String::new();
+            let _ = writeln!(
+                out,
+                "# HELP sidekick_registered Whether the keys are registered in etcd.\n# TYPE sidekick_registered gauge"
+            );
+            let _ = writeln!(out, "sidekick_registered{{{label}}} {}", u8::from(s.registered));
+            let _ = writeln!(
+                out,
+                "# HELP sidekick_probe_duration_seconds How long probes took.\n# TYPE sidekick_probe_duration_seconds histogram"
+            );
+            let count = s.probes_ok + s.probes_failed;
+            for (i, le) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "sidekick_probe_duration_seconds_bucket{{{label},le=\"{le}\"}} {}",
+                    s.buckets[i]
+                );
+            }
+            let _ = writeln!(out, "sidekick_probe_duration_seconds_bucket{{{label},le=\"+Inf\"}} {count}");
+            let _ = writeln!(out, "sidekick_probe_duration_seconds_sum{{{label}}} {}", s.duration_sum);
+            let _ = writeln!(out, "sidekick_probe_duration_seconds_count{{{label}}} {count}");
+            for (name, help, lines) in [
+                (
+                    "sidekick_probes_total",
+                    "Probes by result.",
+                    vec![("result=\"ok\"", s.probes_ok), ("result=\"failed\"", s.probes_failed)],
+                ),
+                (
+                    "sidekick_transitions_total",
+                    "State changes (starting, up, down, maintenance).",
+                    vec![("", s.transitions)],
+                ),
+                (
+                    "sidekick_keepalive_failures_total",
+                    "Lease keep-alives that failed.",
+                    vec![("", s.keepalive_failures)],
+                ),
+            ] {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+                for (extra, v) in lines {
+                    let sep = if extra.is_empty() { "" } else { "," };
+                    let _ = writeln!(out, "{name}{{{label}{sep}{extra}}} {v}");
+                }
+            }
+            out
+        })
+    }
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Serves the board on `listener` until `shutdown`: one small HTTP/1.1
+/// server on hyper (already in the tree), no framework.
+pub async fn serve(listener: TcpListener, board: Arc<Board>, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    debug!(error = %e, "status server: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let board = board.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let board = board.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&board, &req)) }
+            });
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            // A client that never finishes its request is cut off.
+            let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+        });
+    }
+}
+
+fn answer<B>(board: &Board, req: &Request<B>) -> Response<Full<Bytes>> {
+    let (status, kind, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") if board.healthy() => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        (&Method::GET, "/healthz") => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "the probe loop has stalled\n".to_string(),
+        ),
+        (&Method::GET, "/status") => (StatusCode::OK, "application/json", board.to_json() + "\n"),
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            board.to_metrics(),
+        ),
+        (&Method::GET, _) => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+        _ => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n".to_string()),
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", kind)
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(ok: bool, ms: u64) -> Outcome {
+        Outcome {
+            ok,
+            latency: Duration::from_millis(ms),
+            detail: if ok { "HTTP 200" } else { "HTTP 503" }.into(),
+        }
+    }
+
+    #[test]
+    fn metrics_count_probes_transitions_and_registration() {
+        let b = Board::new(
+            "/services/web/1",
+            vec!["/services/web/1".into()],
+            "http://e:2379",
+            Duration::from_secs(1),
+        );
+        b.probe(&outcome(true, 3), 0);
+        b.probe(&outcome(false, 30), 1);
+        b.state("up");
+        b.registered(LeaseId(0x2a), Duration::from_secs(15), "http://e:2379");
+        b.etcd_error(true, "http://e:2379", "no answer".into());
+        let m = b.to_metrics();
+        for line in [
+            r#"sidekick_registered{service="/services/web/1"} 1"#,
+            r#"sidekick_probes_total{service="/services/web/1",result="ok"} 1"#,
+            r#"sidekick_probes_total{service="/services/web/1",result="failed"} 1"#,
+            r#"sidekick_transitions_total{service="/services/web/1"} 1"#,
+            r#"sidekick_keepalive_failures_total{service="/services/web/1"} 1"#,
+            r#"sidekick_probe_duration_seconds_bucket{service="/services/web/1",le="0.005"} 1"#,
+            r#"sidekick_probe_duration_seconds_bucket{service="/services/web/1",le="0.05"} 2"#,
+            r#"sidekick_probe_duration_seconds_count{service="/services/web/1"} 2"#,
+        ] {
+            assert!(m.lines().any(|l| l == line), "{line} in\n{m}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&b.to_json()).unwrap();
+        assert_eq!(v["state"], "suspect", "up with a failure in a row");
+        assert_eq!(v["lease_id"], "2a");
+        assert_eq!(v["last_error"], "no answer");
+        assert_eq!(v["last_probes"].as_array().unwrap().len(), 2);
+        b.withdrawn();
+        let v: serde_json::Value = serde_json::from_str(&b.to_json()).unwrap();
+        assert!(v["lease_id"].is_null() && v["ttl_remaining_s"].is_null());
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
