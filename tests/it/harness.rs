@@ -489,19 +489,82 @@ pub fn fast_run<'a>(
     ]
 }
 
+/// `run KEY VALUE` without a probe (announced unconditionally while it
+/// runs), with a 2s TTL and a 1s dial timeout.
+pub fn plain_run<'a>(key: &'a str, value: &'a str, etcd: &'a str) -> Vec<&'a str> {
+    vec![
+        "run",
+        key,
+        value,
+        "--ttl",
+        "2s",
+        "--dial-timeout",
+        "1s",
+        "--endpoints",
+        etcd,
+    ]
+}
+
+/// Changes to a `sidekick` argument list, so that a test states only what
+/// differs from [`fast_run`] or [`plain_run`].
+pub trait Flags<'a> {
+    /// `flag value`: replaces the value when `flag` is there already,
+    /// appends both otherwise.
+    fn with(self, flag: &'a str, value: &'a str) -> Self;
+    /// More arguments, appended as they are (flags given more than once,
+    /// such as `--extra`).
+    fn and(self, more: &[&'a str]) -> Self;
+}
+
+impl<'a> Flags<'a> for Vec<&'a str> {
+    fn with(mut self, flag: &'a str, value: &'a str) -> Self {
+        match self.iter().position(|a| *a == flag) {
+            Some(i) if i + 1 < self.len() => self[i + 1] = value,
+            _ => self.extend([flag, value]),
+        }
+        self
+    }
+
+    fn and(mut self, more: &[&'a str]) -> Self {
+        self.extend_from_slice(more);
+        self
+    }
+}
+
+/// Starts `sidekick ARGS` and waits (15 s at most) until the KEY after
+/// `run` holds its VALUE in `etcd` (read through member 0).
+pub async fn start_registered(etcd: &Etcd, args: &[&str]) -> (Running, Client) {
+    let at = args.iter().position(|a| *a == "run").expect("a `run` command");
+    let (key, value) = (args[at + 1], args[at + 2]);
+    let sk = Running::start(args);
+    let c = etcd.client(0).await;
+    assert!(
+        key_becomes(&c, key, Some(value), Duration::from_secs(15)).await,
+        "{key} never held {value}:\n{}",
+        sk.log()
+    );
+    (sk, c)
+}
+
 /// A real etcd, a healthy backend, and `sidekick run KEY VALUE` with the
 /// short timings of [`fast_run`], waited on until it has registered.
 pub async fn registered(key: &str, value: &str, rise: &str, fall: &str) -> (Etcd, Backend, Running, Client) {
+    registered_with(key, value, rise, fall, |args| args).await
+}
+
+/// [`registered`], with the arguments changed by `edit` first (see
+/// [`Flags`]).
+pub async fn registered_with(
+    key: &str,
+    value: &str,
+    rise: &str,
+    fall: &str,
+    edit: impl for<'b> FnOnce(Vec<&'b str>) -> Vec<&'b str>,
+) -> (Etcd, Backend, Running, Client) {
     let etcd = Etcd::start().await;
     let backend = Backend::start();
     let (url, eps) = (backend.url(), etcd.endpoints());
-    let sk = Running::start(&fast_run(key, value, &url, &eps, rise, fall));
-    let c = etcd.client(0).await;
-    assert!(
-        key_becomes(&c, key, Some(value), Duration::from_secs(10)).await,
-        "{}",
-        sk.log()
-    );
+    let (sk, c) = start_registered(&etcd, &edit(fast_run(key, value, &url, &eps, rise, fall))).await;
     (etcd, backend, sk, c)
 }
 
