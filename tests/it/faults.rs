@@ -1,5 +1,6 @@
 //! Fault injection against real etcd on loopback: a frozen etcd, a restart
-//! storm, a killed raft leader, bad first endpoints, and backends that
+//! storm (brief and longer outages), a killed raft leader that was also the
+//! first endpoint, bad first endpoints, and backends that
 //! misbehave (flapping, slow, resetting, a 100 MiB body, a redirect loop), plus
 //! a name that does not resolve. Every case checks that the sidekick stays up,
 //! that the key ends right, that up/down transitions are what rise/fall allow,
@@ -22,12 +23,6 @@ const KEY: &str = "/services/web/1";
 const VALUE: &str = "10.0.0.5:8080";
 const SEC: Duration = Duration::from_secs(1);
 const MIB: u64 = 1024 * 1024;
-
-/// The short timings of these tests: a probe every 200 ms, rise 1, fall 1,
-/// a 2 s lease and a 1 s bound on every etcd request.
-fn fast_args<'a>(etcd: &'a str, url: &'a str) -> Vec<&'a str> {
-    fast_run(KEY, VALUE, url, etcd, "1", "1")
-}
 
 /// Log lines containing `pat`.
 fn lines<'a>(log: &'a str, pat: &str) -> Vec<&'a str> {
@@ -332,16 +327,12 @@ fn answer(mut conn: TcpStream, mode: Mode, n: u64, addr: SocketAddr, sent_max: &
 
 #[tokio::test]
 async fn etcd_frozen_longer_than_the_ttl_then_resumed() {
-    let etcd = Etcd::start().await;
-    let backend = Backend::start();
-    let (url, eps) = (backend.url(), etcd.endpoints());
-    let mut sk = Running::start(&fast_args(&eps, &url));
-    let c = etcd.client(0).await;
-    let first = live_key_within(&c, KEY, 10 * SEC).await;
+    let (etcd, backend, mut sk, c) = registered(KEY, VALUE, "1", "1").await;
+    let first = live_key(&c, KEY).await.map(|(_, lease)| lease);
     assert!(first.is_some(), "registered: {}", sk.log());
 
     let pid = etcd_pid(&etcd, 0);
-    // 5 s with a 2 s TTL and a 1 s dial timeout: the lease expires in etcd,
+    // The scenario: 5 s with a 2 s TTL and a 1 s dial timeout: the lease expires in etcd,
     // and the sidekick's keep-alive fails three or four times in a row.
     signal(pid, "STOP");
     let frozen_at = Instant::now();
@@ -366,7 +357,8 @@ async fn etcd_frozen_longer_than_the_ttl_then_resumed() {
         sk.log()
     );
     let back_after = resumed.elapsed();
-    // Longer than a TTL later it is still there: the lease is kept alive.
+    // The scenario: longer than a TTL later it is still there, the lease
+    // kept alive.
     tokio::time::sleep(3 * SEC).await;
     assert!(live_key(&c, KEY).await.is_some(), "still registered: {}", sk.log());
     assert!(sk.alive(), "{}", sk.log());
@@ -400,15 +392,15 @@ async fn etcd_frozen_longer_than_the_ttl_then_resumed() {
     );
 }
 
+/// etcd stopped and started ten times in a row: mostly for a moment (a
+/// restart storm), every third time for longer than the TTL. etcd keeps
+/// leases across a restart and extends them once it leads again, so the key
+/// must stay under its first lease, never rewritten, while the sidekick
+/// keeps probing at its own pace and reports each outage in a few lines.
 #[tokio::test]
 async fn etcd_restarted_ten_times_in_a_row() {
-    let mut etcd = Etcd::start().await;
-    let backend = Backend::start();
-    let (url, eps) = (backend.url(), etcd.endpoints());
-    let mut sk = Running::start(&fast_args(&eps, &url));
-    let c = etcd.client(0).await;
-    let first = live_key_within(&c, KEY, 10 * SEC).await;
-    assert!(first.is_some(), "{}", sk.log());
+    let (mut etcd, backend, mut sk, mut c) = registered(KEY, VALUE, "1", "1").await;
+    let first = get(&mut c, KEY).await.unwrap();
 
     let start = Instant::now();
     let hits = backend.hits();
@@ -416,9 +408,23 @@ async fn etcd_restarted_ten_times_in_a_row() {
     for round in 0..10 {
         let (t, h) = (Instant::now(), backend.hits());
         etcd.stop(0);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The scenario: away for a moment, or for longer than the 2 s TTL.
+        let away = if round % 3 == 2 {
+            3 * SEC
+        } else {
+            Duration::from_millis(200)
+        };
+        tokio::time::sleep(away).await;
         assert!(sk.alive(), "round {round}: {}", sk.log());
         etcd.restart(0).await;
+        let c = etcd.client(0).await;
+        assert_eq!(
+            live_key_within(&c, KEY, 5 * SEC).await,
+            Some(first.lease()),
+            "round {round}: back under the first lease: {}",
+            sk.log()
+        );
+        // The scenario: up for a moment before the next outage.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let rate = (backend.hits() - h) as f64 / (t.elapsed().as_secs_f64() / 0.2);
         min_rate = min_rate.min(rate);
@@ -436,12 +442,22 @@ async fn etcd_restarted_ten_times_in_a_row() {
         "probing never waits on etcd: {probes} probes in {elapsed:?} ({due:.0} due)"
     );
 
-    let c = etcd.client(0).await;
-    let last = live_key_within(&c, KEY, 5 * SEC).await;
-    assert!(last.is_some(), "registered after the last restart: {}", sk.log());
+    // The scenario: longer than a TTL after the last restart, the key is
+    // still there, kept alive, and was never written again.
+    tokio::time::sleep(3 * SEC).await;
+    let mut c = etcd.client(0).await;
+    let last = get(&mut c, KEY).await.expect("registered after the last restart");
+    assert_eq!(
+        (last.lease(), last.mod_revision()),
+        (first.lease(), first.mod_revision()),
+        "same lease, never rewritten: {}",
+        sk.log()
+    );
+    assert!(live_key(&c, KEY).await.is_some(), "lease kept alive: {}", sk.log());
     assert!(sk.alive(), "{}", sk.log());
     let log = sk.log();
     assert_eq!(transitions(&log), (1, 0), "{log}");
+    assert!(!log.contains("lease expired or was lost"), "{log}");
     let warns = etcd_warnings(&log);
     let failed = etcd_attempts_failed(&log);
     // Each outage shows a few distinct causes (the keep-alive stream closed,
@@ -456,41 +472,59 @@ async fn etcd_restarted_ten_times_in_a_row() {
     assert!(lines(&log, "etcd answers again").len() <= 10, "{log}");
     eprintln!(
         "restarts: {probes} probes in {elapsed:?} ({due:.0} due, worst round {:.0}%), {} warnings / {failed} failed \
-         attempts, lease {} -> {}",
+         attempts, lease {} kept",
         min_rate * 100.0,
         warns.len(),
-        first.unwrap(),
-        last.unwrap()
+        first.lease()
     );
 }
 
+/// A three-member cluster loses the member that leads it and is also the
+/// sidekick's first endpoint, the one it talks to. The key must stay under
+/// the same lease, never rewritten (the new leader extends every lease),
+/// kept alive through the survivors for longer than a TTL, and withdrawal
+/// must still work through them.
 #[tokio::test]
-async fn cluster_leader_killed() {
+async fn cluster_leader_at_the_first_endpoint_killed() {
     let mut etcd = Etcd::cluster(3).await;
-    let backend = Backend::start();
-    let (url, eps) = (backend.url(), etcd.endpoints());
-    let mut sk = Running::start(&fast_args(&eps, &url));
     let lead = leader_among(&etcd, &[0, 1, 2]).await;
-    let other = (lead + 1) % 3;
-    let c = etcd.client(other).await;
-    let before = live_key_within(&c, KEY, 15 * SEC).await;
-    assert!(before.is_some(), "{}", sk.log());
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != lead).collect();
+    let eps = [lead, survivors[0], survivors[1]].map(|i| etcd.url(i)).join(",");
+    let backend = Backend::start();
+    let url = backend.url();
+    let (mut sk, _) = start_registered(&etcd, &fast_run(KEY, VALUE, &url, &eps, "1", "1")).await;
+    let registered = lines(&sk.log(), "registered").concat();
+    assert!(
+        registered.contains(&etcd.url(lead)),
+        "registered through the leader: {registered}"
+    );
+    let mut c = etcd.client(survivors[0]).await;
+    let before = get(&mut c, KEY).await.unwrap();
 
     etcd.kill(lead);
-    // A new leader is elected within a few election timeouts; the key must
-    // be there under a live lease (the old one, extended by the new leader,
-    // or a new one), and stay there longer than a TTL.
-    let after = live_key_within(&c, KEY, 10 * SEC).await;
-    assert!(
-        after.is_some(),
-        "key under a live lease after leader {lead} died: {}",
+    // A new leader is elected within a few election timeouts.
+    let new_lead = eventually(10 * SEC, || async {
+        let mut c = c.clone();
+        matches!(tokio::time::timeout(SEC, c.status()).await, Ok(Ok(st)) if st.leader() != 0)
+    })
+    .await;
+    assert!(new_lead, "no new leader among {survivors:?}");
+    // The scenario: longer than a TTL on the survivors alone.
+    tokio::time::sleep(3 * SEC).await;
+    let after = get(&mut c, KEY).await.expect("key kept while the leader is gone");
+    assert_eq!(
+        (after.lease(), after.mod_revision()),
+        (before.lease(), before.mod_revision()),
+        "same lease, not rewritten: {}",
         sk.log()
     );
-    tokio::time::sleep(3 * SEC).await;
-    let kept = live_key_within(&c, KEY, SEC).await;
-    assert!(kept.is_some(), "kept alive through the survivors: {}", sk.log());
+    assert!(
+        live_key(&c, KEY).await.is_some(),
+        "kept alive through the survivors: {}",
+        sk.log()
+    );
     assert!(sk.alive(), "{}", sk.log());
-    let new_lead = leader_among(&etcd, &[other, 3 - lead - other]).await;
+    let new_lead = leader_among(&etcd, &survivors).await;
     assert_ne!(new_lead, lead);
 
     // Withdrawal still works through the survivors.
@@ -512,9 +546,8 @@ async fn cluster_leader_killed() {
         etcd_attempts_failed(&log)
     );
     eprintln!(
-        "leader {lead} killed, new leader {new_lead}: lease {} -> {}, {} warnings / {} failed attempts",
-        before.unwrap(),
-        after.unwrap(),
+        "leader {lead} killed, new leader {new_lead}: lease {} kept, {} warnings / {} failed attempts",
+        before.lease(),
         warns.len(),
         etcd_attempts_failed(&log)
     );
@@ -527,14 +560,9 @@ async fn first_endpoint_bad(bad: &str, max_warnings: usize) {
     let backend = Backend::start();
     let url = backend.url();
     let eps = format!("{bad},{}", etcd.url(0));
-    let mut sk = Running::start(&fast_args(&eps, &url));
-    let c = etcd.client(0).await;
-    assert!(
-        live_key_within(&c, KEY, 10 * SEC).await.is_some(),
-        "registered through the second endpoint: {}",
-        sk.log()
-    );
-    // Steady for a while: the bad endpoint is not tried again.
+    let (mut sk, c) = start_registered(&etcd, &fast_run(KEY, VALUE, &url, &eps, "1", "1")).await;
+    // The scenario: steady for a while (three keep-alives), in which the
+    // bad endpoint is not tried again.
     tokio::time::sleep(2 * SEC).await;
     backend.set_healthy(false);
     assert!(key_becomes(&c, KEY, None, 5 * SEC).await, "withdrawn: {}", sk.log());
@@ -588,30 +616,10 @@ async fn flapping_every_probe_with_rise_2_fall_2_never_transitions() {
     let etcd = Etcd::start().await;
     let bad = Bad::start(Mode::Ok);
     let (url, eps) = (bad.url(), etcd.endpoints());
-    let args = [
-        "run",
-        KEY,
-        VALUE,
-        "--http",
-        &url,
-        "--interval",
-        "300ms",
-        "--timeout",
-        "250ms",
-        "--ttl",
-        "2s",
-        "--rise",
-        "2",
-        "--fall",
-        "2",
-        "--dial-timeout",
-        "1s",
-        "--endpoints",
-        &eps,
-    ];
-    let mut sk = Running::start(&args);
-    let mut c = etcd.client(0).await;
-    assert!(live_key_within(&c, KEY, 10 * SEC).await.is_some(), "{}", sk.log());
+    let args = fast_run(KEY, VALUE, &url, &eps, "2", "2")
+        .with("--interval", "300ms")
+        .with("--timeout", "250ms");
+    let (mut sk, mut c) = start_registered(&etcd, &args).await;
     let before = get(&mut c, KEY).await.unwrap();
 
     let flap = |n: u64| {
@@ -666,9 +674,7 @@ async fn fails_then_recovers(mode: Mode) -> String {
     let etcd = Etcd::start().await;
     let bad = Bad::start(Mode::Ok);
     let (url, eps) = (bad.url(), etcd.endpoints());
-    let mut sk = Running::start(&fast_args(&eps, &url));
-    let c = etcd.client(0).await;
-    assert!(live_key_within(&c, KEY, 10 * SEC).await.is_some(), "{}", sk.log());
+    let (mut sk, c) = start_registered(&etcd, &fast_run(KEY, VALUE, &url, &eps, "1", "1")).await;
 
     bad.set(mode);
     assert!(
@@ -726,11 +732,8 @@ async fn a_100_mib_body_without_the_needle_fails_in_bounded_memory() {
     let etcd = Etcd::start().await;
     let bad = Bad::start(Mode::Ok);
     let (url, eps) = (bad.url(), etcd.endpoints());
-    let mut args = fast_args(&eps, &url);
-    args.extend(["--expect-body", "needle"]);
-    let mut sk = Running::start(&args);
-    let c = etcd.client(0).await;
-    assert!(live_key_within(&c, KEY, 10 * SEC).await.is_some(), "{}", sk.log());
+    let args = fast_run(KEY, VALUE, &url, &eps, "1", "1").with("--expect-body", "needle");
+    let (mut sk, c) = start_registered(&etcd, &args).await;
 
     bad.set(Mode::Huge);
     let h = bad.hits();
@@ -759,9 +762,7 @@ async fn a_100_mib_body_is_healthy_by_status_alone_in_bounded_memory() {
     let etcd = Etcd::start().await;
     let bad = Bad::start(Mode::Huge);
     let (url, eps) = (bad.url(), etcd.endpoints());
-    let mut sk = Running::start(&fast_args(&eps, &url));
-    let c = etcd.client(0).await;
-    assert!(live_key_within(&c, KEY, 10 * SEC).await.is_some(), "{}", sk.log());
+    let (mut sk, c) = start_registered(&etcd, &fast_run(KEY, VALUE, &url, &eps, "1", "1")).await;
     let h = bad.hits();
     let peak = peak_rss(&sk, 3 * SEC).await;
     let probes = bad.hits() - h;
@@ -804,14 +805,11 @@ async fn a_redirect_loop_is_judged_not_followed() {
     );
 
     // Long-running, side by side: the default registers, 200 never does.
-    let mut yes = Running::start(&fast_args(&eps, &url));
-    let mut strict_args = fast_args(&eps, &url);
-    strict_args[1] = "/services/web/2";
-    strict_args.extend(["--expect-status", "200"]);
-    let mut no = Running::start(&strict_args);
-    let c = etcd.client(0).await;
-    assert!(live_key_within(&c, KEY, 10 * SEC).await.is_some(), "{}", yes.log());
+    let strict = fast_run("/services/web/2", VALUE, &url, &eps, "1", "1").with("--expect-status", "200");
+    let mut no = Running::start(&strict);
+    let (mut yes, c) = start_registered(&etcd, &fast_run(KEY, VALUE, &url, &eps, "1", "1")).await;
     let h = bad.hits();
+    // The scenario: a 2 s window in which the requests are counted.
     tokio::time::sleep(2 * SEC).await;
     let requests = bad.hits() - h;
     // Two sidekicks probing every 180-200 ms: about 20 requests in 2 s;

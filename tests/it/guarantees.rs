@@ -13,44 +13,15 @@ const TIMEOUT: Duration = Duration::from_millis(100);
 const TTL: Duration = Duration::from_secs(3);
 const DIAL: Duration = Duration::from_secs(1);
 
-fn args<'a>(eps: &'a str, url: &'a str, fall: &'a str) -> Vec<&'a str> {
-    vec![
-        "run",
-        KEY,
-        "v",
-        "--http",
-        url,
-        "--interval",
-        "300ms",
-        "--timeout",
-        "100ms",
-        "--ttl",
-        "3s",
-        "--rise",
-        "1",
-        "--fall",
-        fall,
-        "--dial-timeout",
-        "1s",
-        "--endpoints",
-        eps,
-    ]
-}
-
-async fn registered(etcd: &Etcd, fall: &str) -> (Backend, Running, etcd_client::Client) {
-    let backend = Backend::start();
-    let (url, eps) = (backend.url(), etcd.endpoints());
-    let sk = Running::start(&args(&eps, &url, fall));
-    let c = etcd.client(0).await;
-    assert!(key_becomes(&c, KEY, Some("v"), 10 * SLACK).await, "{}", sk.log());
-    (backend, sk, c)
+/// The fast timings with this file's interval and TTL.
+fn timings(args: Vec<&str>) -> Vec<&str> {
+    args.with("--interval", "300ms").with("--ttl", "3s")
 }
 
 /// Withdrawn at most fall × interval + timeout after the instance fails.
 #[tokio::test]
 async fn withdraw_after_failure_within_fall_intervals_plus_timeout() {
-    let etcd = Etcd::start().await;
-    let (backend, sk, c) = registered(&etcd, "3").await;
+    let (_etcd, backend, sk, c) = registered_with(KEY, "v", "1", "3", timings).await;
     let failed = Instant::now();
     backend.set_healthy(false);
     let bound = 3 * INTERVAL + TIMEOUT;
@@ -64,8 +35,7 @@ async fn withdraw_after_failure_within_fall_intervals_plus_timeout() {
 /// Withdrawn on SIGTERM before the process exits, within the dial timeout.
 #[tokio::test]
 async fn withdraw_after_sigterm_within_the_dial_timeout() {
-    let etcd = Etcd::start().await;
-    let (_backend, mut sk, mut c) = registered(&etcd, "1").await;
+    let (_etcd, _backend, mut sk, mut c) = registered_with(KEY, "v", "1", "1", timings).await;
     let signalled = Instant::now();
     sk.signal("TERM");
     sk.exit_within(DIAL + SLACK)
@@ -78,8 +48,7 @@ async fn withdraw_after_sigterm_within_the_dial_timeout() {
 /// Gone at most one TTL after SIGKILL (no leader change here).
 #[tokio::test]
 async fn gone_after_sigkill_within_the_ttl() {
-    let etcd = Etcd::start().await;
-    let (_backend, sk, c) = registered(&etcd, "1").await;
+    let (_etcd, _backend, sk, c) = registered_with(KEY, "v", "1", "1", timings).await;
     let killed = Instant::now();
     sk.signal("KILL");
     assert!(key_becomes(&c, KEY, None, TTL + SLACK).await, "expired within the TTL");
@@ -89,9 +58,8 @@ async fn gone_after_sigkill_within_the_ttl() {
 /// Registered again at most interval + dial timeout after etcd answers.
 #[tokio::test]
 async fn registered_after_etcd_returns_within_interval_plus_dial_timeout() {
-    let mut etcd = Etcd::start().await;
-    let (_backend, sk, _c) = registered(&etcd, "1").await;
-    // Away for two TTLs: the lease is gone for sure, a new one is needed.
+    let (mut etcd, _backend, sk, _c) = registered_with(KEY, "v", "1", "1", timings).await;
+    // The scenario: etcd away for two TTLs.
     etcd.stop(0);
     tokio::time::sleep(2 * TTL).await;
     etcd.restart(0).await;

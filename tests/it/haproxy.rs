@@ -268,10 +268,6 @@ fn burst(port: u16, backends: [&Backend; 2]) -> Burst {
     }
 }
 
-fn sidekick_args<'a>(key: &'a str, value: &'a str, url: &'a str, endpoints: &'a str) -> Vec<&'a str> {
-    fast_run(key, value, url, endpoints, "1", "1")
-}
-
 fn both(addrs: &[String; 2]) -> BTreeSet<(String, String)> {
     [("1".to_string(), addrs[0].clone()), ("2".to_string(), addrs[1].clone())].into()
 }
@@ -285,8 +281,8 @@ async fn haproxy_routes_only_to_healthy_instances_through_render_and_reload() {
     let addrs = [b[0].addr.to_string(), b[1].addr.to_string()];
     let urls = [b[0].url(), b[1].url()];
     let keys = ["/services/web/1", "/services/web/2"];
-    let sk1 = Running::start(&sidekick_args(keys[0], &addrs[0], &urls[0], &eps));
-    let sk2 = Running::start(&sidekick_args(keys[1], &addrs[1], &urls[1], &eps));
+    let sk1 = Running::start(&fast_run(keys[0], &addrs[0], &urls[0], &eps, "1", "1"));
+    let sk2 = Running::start(&fast_run(keys[1], &addrs[1], &urls[1], &eps, "1", "1"));
     let logs = || format!("sidekick 1:\n{}\nsidekick 2:\n{}", sk1.log(), sk2.log());
     let c = etcd.client(0).await;
     for i in 0..2 {

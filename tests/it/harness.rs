@@ -14,15 +14,46 @@ use etcd_client::{Client, ConnectOptions, KeyValue};
 use tempfile::TempDir;
 
 /// A loopback port nobody listens on, never handed out twice in this run.
+///
+/// The port is free when this returns, not when its user binds it. It comes
+/// from outside the kernel's ephemeral range (`ip_local_port_range`), so no
+/// outgoing connection and no `bind(:0)` of another process is given it in
+/// between; only another process picking the same port on purpose can take
+/// it, which [`Etcd`] survives by starting again. A server of the test's own
+/// binds port 0 and keeps its listener instead (see [`Backend::start`]).
 pub fn free_port() -> u16 {
     static TAKEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
     let taken = TAKEN.get_or_init(Default::default);
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        if taken.lock().unwrap().insert(port) {
+    let (lo, hi) = spare_ports();
+    for _ in 0..10_000 {
+        let port = lo + (random() % u64::from(hi - lo)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() && taken.lock().unwrap().insert(port) {
             return port;
         }
     }
+    panic!("no free loopback port in {lo}..{hi}");
+}
+
+/// Ports the kernel never hands out by itself: below its ephemeral range,
+/// or above it when there is no room below.
+fn spare_ports() -> (u16, u16) {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut bounds = range.split_whitespace().filter_map(|p| p.parse::<u16>().ok());
+    let (first, last) = (bounds.next().unwrap_or(32768), bounds.next().unwrap_or(60999));
+    if first > 12_000 {
+        (10_000, first)
+    } else if last < 63_000 {
+        (last + 1, u16::MAX)
+    } else {
+        panic!("the ephemeral range {first}-{last} leaves no spare ports for the tests");
+    }
+}
+
+/// A random number, different at every call.
+fn random() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    RandomState::new().hash_one(CALLS.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Sends `sig` (e.g. "TERM", "KILL", "STOP") to a process we started.
@@ -60,7 +91,14 @@ struct Member {
     client_port: u16,
     peer_port: u16,
     child: Option<Child>,
+    /// Where in its log the current run of the member starts.
+    log_from: usize,
 }
+
+/// What etcd logs (and then exits) when a port it should listen on is taken.
+const PORT_TAKEN: &str = "address already in use";
+/// How many times a start is tried again after a port was taken.
+const PORT_RETRIES: usize = 5;
 
 /// A real etcd cluster (one or three members) on loopback, with its data in
 /// a temp dir; every member is killed when it is dropped.
@@ -103,29 +141,55 @@ impl Etcd {
         self.members[i].child.as_ref().expect("member is running").id()
     }
 
+    /// Starts `n` members on fresh ports, and all of them again on other
+    /// fresh ports when one of theirs was taken before etcd bound it.
     async fn launch(n: usize, scheme: &'static str, extra: Vec<String>, options: Option<ConnectOptions>) -> Etcd {
-        let dir = tempfile::tempdir().unwrap();
-        let members = (0..n)
-            .map(|i| Member {
-                name: format!("m{i}"),
-                client_port: free_port(),
-                peer_port: free_port(),
-                child: None,
-            })
-            .collect();
-        let mut etcd = Etcd {
-            members,
-            dir,
-            token: format!("t{}", free_port()),
-            scheme,
-            extra,
-            options,
-        };
-        for i in 0..n {
-            etcd.spawn(i);
+        for attempt in 1..=PORT_RETRIES {
+            let members = (0..n)
+                .map(|i| Member {
+                    name: format!("m{i}"),
+                    client_port: free_port(),
+                    peer_port: free_port(),
+                    child: None,
+                    log_from: 0,
+                })
+                .collect();
+            let mut etcd = Etcd {
+                members,
+                dir: tempfile::tempdir().unwrap(),
+                token: format!("t{:x}", random()),
+                scheme,
+                extra: extra.clone(),
+                options: options.clone(),
+            };
+            for i in 0..n {
+                etcd.spawn(i);
+            }
+            match etcd.started().await {
+                Ok(()) => return etcd,
+                // Dropping it stops the other members and removes the data.
+                Err(log) => eprintln!("etcd start {attempt}: a port was taken, trying fresh ones:\n{log}"),
+            }
         }
-        etcd.wait_ready().await;
-        etcd
+        panic!("etcd found a port taken {PORT_RETRIES} times in a row");
+    }
+
+    /// Starts member `i` again on its own ports, which the sidekick under
+    /// test knows: a port taken by another process meanwhile is waited for.
+    async fn start_again(&mut self, i: usize) {
+        for attempt in 1..=PORT_RETRIES {
+            self.spawn(i);
+            match self.started().await {
+                Ok(()) => return,
+                Err(log) => {
+                    eprintln!("etcd member {i} restart {attempt}: a port is taken:\n{log}");
+                    let ports = [self.members[i].client_port, self.members[i].peer_port];
+                    let free = || async { ports.iter().all(|&p| TcpListener::bind(("127.0.0.1", p)).is_ok()) };
+                    eventually(Duration::from_secs(5), free).await;
+                }
+            }
+        }
+        panic!("etcd member {i} found its ports taken {PORT_RETRIES} times in a row");
     }
 
     fn spawn(&mut self, i: usize) {
@@ -134,13 +198,15 @@ impl Etcd {
             .iter()
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
             .collect();
-        let m = &self.members[i];
+        let m = &mut self.members[i];
         let data = self.dir.path().join(&m.name);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join(format!("{}.log", m.name)))
             .unwrap();
+        m.log_from = log.metadata().unwrap().len() as usize;
+        let m = &self.members[i];
         let client = format!("{}://127.0.0.1:{}", self.scheme, m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let child = Command::new("etcd")
@@ -163,23 +229,53 @@ impl Etcd {
         self.members[i].child = Some(child);
     }
 
-    /// Waits until every running member serves a linearizable read.
-    pub async fn wait_ready(&self) {
-        for (i, m) in self.members.iter().enumerate() {
-            if m.child.is_none() {
-                continue;
-            }
-            let url = self.url(i);
-            let ok = eventually(Duration::from_secs(30), || async {
-                let attempt = async {
-                    let mut c = Client::connect([url.as_str()], self.options.clone()).await.ok()?;
-                    c.get("ready-check", None).await.ok()
+    /// Waits (30 s at most) until every running member serves a
+    /// linearizable read. `Err` with the log of a member that exited because
+    /// a port was taken; a member that exits for another reason fails the
+    /// test.
+    async fn started(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut ready = vec![false; self.members.len()];
+        loop {
+            for (i, up) in ready.iter_mut().enumerate() {
+                let Some(child) = self.members[i].child.as_mut() else {
+                    *up = true;
+                    continue;
                 };
-                matches!(tokio::time::timeout(Duration::from_secs(2), attempt).await, Ok(Some(_)))
-            })
-            .await;
-            assert!(ok, "etcd member {i} did not become ready:\n{}", self.log(i));
+                if let Some(status) = child.try_wait().unwrap() {
+                    self.members[i].child = None;
+                    let log = self.log(i);
+                    let log = log.get(self.members[i].log_from..).unwrap_or(&log).to_string();
+                    if log.contains(PORT_TAKEN) {
+                        return Err(log);
+                    }
+                    panic!("etcd member {i} exited ({status}):\n{log}");
+                }
+                if !*up {
+                    *up = self.answers(i).await;
+                }
+            }
+            if ready.iter().all(|&r| r) {
+                return Ok(());
+            }
+            let late = ready.iter().position(|&r| !r).unwrap();
+            assert!(
+                Instant::now() < deadline,
+                "etcd member {late} did not become ready:\n{}",
+                self.log(late)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Whether member `i` serves a linearizable read within 2 s.
+    async fn answers(&self, i: usize) -> bool {
+        let url = self.url(i);
+        let attempt = async {
+            let mut c = Client::connect([url.as_str()], self.options.clone()).await.ok()?;
+            c.get("ready-check", None).await.ok()
+        };
+        matches!(tokio::time::timeout(Duration::from_secs(2), attempt).await, Ok(Some(_)))
     }
 
     /// The client URL of member `i`.
@@ -219,8 +315,7 @@ impl Etcd {
     /// Starts member `i` again on the same ports and data dir.
     pub async fn restart(&mut self, i: usize) {
         self.stop(i);
-        self.spawn(i);
-        self.wait_ready().await;
+        self.start_again(i).await;
     }
 
     /// Starts a stopped single member again with an empty data dir: etcd
@@ -229,8 +324,7 @@ impl Etcd {
         assert_eq!(self.members.len(), 1, "wipe is for a single member");
         self.stop(0);
         std::fs::remove_dir_all(self.dir.path().join(&self.members[0].name)).unwrap();
-        self.spawn(0);
-        self.wait_ready().await;
+        self.start_again(0).await;
     }
 
     /// A client of member `i`.
@@ -405,19 +499,82 @@ pub fn fast_run<'a>(
     ]
 }
 
+/// `run KEY VALUE` without a probe (announced unconditionally while it
+/// runs), with a 2s TTL and a 1s dial timeout.
+pub fn plain_run<'a>(key: &'a str, value: &'a str, etcd: &'a str) -> Vec<&'a str> {
+    vec![
+        "run",
+        key,
+        value,
+        "--ttl",
+        "2s",
+        "--dial-timeout",
+        "1s",
+        "--endpoints",
+        etcd,
+    ]
+}
+
+/// Changes to a `sidekick` argument list, so that a test states only what
+/// differs from [`fast_run`] or [`plain_run`].
+pub trait Flags<'a> {
+    /// `flag value`: replaces the value when `flag` is there already,
+    /// appends both otherwise.
+    fn with(self, flag: &'a str, value: &'a str) -> Self;
+    /// More arguments, appended as they are (flags given more than once,
+    /// such as `--extra`).
+    fn and(self, more: &[&'a str]) -> Self;
+}
+
+impl<'a> Flags<'a> for Vec<&'a str> {
+    fn with(mut self, flag: &'a str, value: &'a str) -> Self {
+        match self.iter().position(|a| *a == flag) {
+            Some(i) if i + 1 < self.len() => self[i + 1] = value,
+            _ => self.extend([flag, value]),
+        }
+        self
+    }
+
+    fn and(mut self, more: &[&'a str]) -> Self {
+        self.extend_from_slice(more);
+        self
+    }
+}
+
+/// Starts `sidekick ARGS` and waits (15 s at most) until the KEY after
+/// `run` holds its VALUE in `etcd` (read through member 0).
+pub async fn start_registered(etcd: &Etcd, args: &[&str]) -> (Running, Client) {
+    let at = args.iter().position(|a| *a == "run").expect("a `run` command");
+    let (key, value) = (args[at + 1], args[at + 2]);
+    let sk = Running::start(args);
+    let c = etcd.client(0).await;
+    assert!(
+        key_becomes(&c, key, Some(value), Duration::from_secs(15)).await,
+        "{key} never held {value}:\n{}",
+        sk.log()
+    );
+    (sk, c)
+}
+
 /// A real etcd, a healthy backend, and `sidekick run KEY VALUE` with the
 /// short timings of [`fast_run`], waited on until it has registered.
 pub async fn registered(key: &str, value: &str, rise: &str, fall: &str) -> (Etcd, Backend, Running, Client) {
+    registered_with(key, value, rise, fall, |args| args).await
+}
+
+/// [`registered`], with the arguments changed by `edit` first (see
+/// [`Flags`]).
+pub async fn registered_with(
+    key: &str,
+    value: &str,
+    rise: &str,
+    fall: &str,
+    edit: impl for<'b> FnOnce(Vec<&'b str>) -> Vec<&'b str>,
+) -> (Etcd, Backend, Running, Client) {
     let etcd = Etcd::start().await;
     let backend = Backend::start();
     let (url, eps) = (backend.url(), etcd.endpoints());
-    let sk = Running::start(&fast_run(key, value, &url, &eps, rise, fall));
-    let c = etcd.client(0).await;
-    assert!(
-        key_becomes(&c, key, Some(value), Duration::from_secs(10)).await,
-        "{}",
-        sk.log()
-    );
+    let (sk, c) = start_registered(&etcd, &edit(fast_run(key, value, &url, &eps, rise, fall))).await;
     (etcd, backend, sk, c)
 }
 

@@ -84,7 +84,8 @@ async fn announce_waits_for_health_and_writes_nothing_when_it_never_comes() {
     assert!(c.leases().await.unwrap().leases().is_empty(), "no lease granted");
 
     // Healthy after a moment: announce waits, then writes.
-    let child = sidekick(&[
+    let hits = backend.hits();
+    let mut child = sidekick(&[
         "announce",
         "/k",
         "v",
@@ -98,7 +99,10 @@ async fn announce_waits_for_health_and_writes_nothing_when_it_never_comes() {
     .stderr(std::process::Stdio::null())
     .spawn()
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Two failed probes (one a second): still waiting, nothing written.
+    let probed = eventually(Duration::from_secs(10), || async { backend.hits() >= hits + 2 }).await;
+    assert!(probed, "announce probes while it waits");
+    assert!(child.try_wait().unwrap().is_none(), "still waiting");
     assert!(get(&mut c, "/k").await.is_none(), "not before the instance is healthy");
     backend.set_healthy(true);
     let status = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())

@@ -6,33 +6,18 @@ use std::time::{Duration, Instant};
 use crate::harness::*;
 
 const KEY: &str = "/services/web/1";
+const ADDR: &str = "10.0.0.5:8080";
 const SEC: Duration = Duration::from_secs(1);
-
-/// The short timings an operator tries first, with `--rise`/`--fall` given.
-fn fast_args<'a>(etcd: &'a str, url: &'a str, rise: &'a str, fall: &'a str) -> Vec<&'a str> {
-    fast_run(KEY, "10.0.0.5:8080", url, etcd, rise, fall)
-}
 
 #[tokio::test]
 async fn registers_under_a_lease_with_every_extra_key() {
-    let etcd = Etcd::start().await;
-    let backend = Backend::start();
-    let url = backend.url();
-    let eps = etcd.endpoints();
-    let mut args = fast_args(&eps, &url, "2", "2");
-    args.extend([
+    let extras = [
         "--extra",
         "/services/web/scheme=http",
         "--extra",
         "/services/web/hosts/1=10.0.0.5:8080",
-    ]);
-    let sk = Running::start(&args);
-    let mut c = etcd.client(0).await;
-    assert!(
-        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
-        "{}",
-        sk.log()
-    );
+    ];
+    let (_etcd, _backend, sk, mut c) = registered_with(KEY, ADDR, "2", "2", |a| a.and(&extras)).await;
 
     let main = get(&mut c, KEY).await.unwrap();
     assert_ne!(main.lease(), 0, "the key is attached to a lease");
@@ -54,18 +39,8 @@ async fn registers_under_a_lease_with_every_extra_key() {
 
 #[tokio::test]
 async fn unhealthy_removes_the_keys_and_recovery_brings_them_back() {
-    let etcd = Etcd::start().await;
-    let backend = Backend::start();
-    let (url, eps) = (backend.url(), etcd.endpoints());
-    let mut args = fast_args(&eps, &url, "2", "2");
-    args.extend(["--extra", "/services/web/scheme=http"]);
-    let sk = Running::start(&args);
-    let c = etcd.client(0).await;
-    assert!(
-        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
-        "{}",
-        sk.log()
-    );
+    let extra = ["--extra", "/services/web/scheme=http"];
+    let (_etcd, backend, sk, c) = registered_with(KEY, ADDR, "2", "2", |a| a.and(&extra)).await;
 
     backend.set_healthy(false);
     assert!(key_becomes(&c, KEY, None, 5 * SEC).await, "{}", sk.log());
@@ -74,11 +49,7 @@ async fn unhealthy_removes_the_keys_and_recovery_brings_them_back() {
         "extra keys go too"
     );
     backend.set_healthy(true);
-    assert!(
-        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 5 * SEC).await,
-        "{}",
-        sk.log()
-    );
+    assert!(key_becomes(&c, KEY, Some(ADDR), 5 * SEC).await, "{}", sk.log());
     assert!(key_becomes(&c, "/services/web/scheme", Some("http"), SEC).await);
     // The key can be seen in etcd a moment before the line is logged.
     let logged_twice = || async { sk.log().matches("INFO registered").count() == 2 };
@@ -94,7 +65,7 @@ async fn unhealthy_removes_the_keys_and_recovery_brings_them_back() {
 
 #[tokio::test]
 async fn fall_3_rides_out_one_failure() {
-    let (_etcd, backend, sk, mut c) = registered(KEY, "10.0.0.5:8080", "1", "3").await;
+    let (_etcd, backend, sk, mut c) = registered(KEY, ADDR, "1", "3").await;
     let before = get(&mut c, KEY).await.unwrap();
 
     // Two failing probes in a row, less than --fall 3.
@@ -119,7 +90,7 @@ async fn fall_3_rides_out_one_failure() {
 }
 
 async fn stops_on(sig: &str) {
-    let (_etcd, _backend, mut sk, mut c) = registered(KEY, "10.0.0.5:8080", "1", "1").await;
+    let (_etcd, _backend, mut sk, mut c) = registered(KEY, ADDR, "1", "1").await;
 
     sk.signal(sig);
     let status = sk.exit_within(10 * SEC).await.expect("exits after the signal");
@@ -141,18 +112,7 @@ async fn sigint_removes_the_keys_and_exits_0() {
 
 #[tokio::test]
 async fn drain_waits_after_withdrawing() {
-    let etcd = Etcd::start().await;
-    let backend = Backend::start();
-    let (url, eps) = (backend.url(), etcd.endpoints());
-    let mut args = fast_args(&eps, &url, "1", "1");
-    args.extend(["--drain", "2s"]);
-    let mut sk = Running::start(&args);
-    let c = etcd.client(0).await;
-    assert!(
-        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
-        "{}",
-        sk.log()
-    );
+    let (_etcd, _backend, mut sk, c) = registered_with(KEY, ADDR, "1", "1", |a| a.with("--drain", "2s")).await;
 
     let signalled = Instant::now();
     sk.signal("TERM");
@@ -171,9 +131,7 @@ async fn drain_waits_after_withdrawing() {
 async fn second_signal_exits_at_once_during_drain() {
     let etcd = Etcd::start().await;
     let eps = etcd.endpoints();
-    let mut sk = Running::start(&["run", KEY, "v", "--ttl", "2s", "--drain", "60s", "--endpoints", &eps]);
-    let c = etcd.client(0).await;
-    assert!(key_becomes(&c, KEY, Some("v"), 10 * SEC).await, "{}", sk.log());
+    let (mut sk, c) = start_registered(&etcd, &plain_run(KEY, "v", &eps).with("--drain", "60s")).await;
     sk.signal("TERM");
     assert!(key_becomes(&c, KEY, None, SEC).await);
     sk.signal("TERM");
@@ -183,7 +141,7 @@ async fn second_signal_exits_at_once_during_drain() {
 
 #[tokio::test]
 async fn sigkill_leaves_the_key_to_expire_with_the_lease() {
-    let (_etcd, _backend, sk, mut c) = registered(KEY, "10.0.0.5:8080", "1", "1").await;
+    let (_etcd, _backend, sk, mut c) = registered(KEY, ADDR, "1", "1").await;
 
     sk.signal("KILL");
     let killed = Instant::now();
@@ -202,11 +160,12 @@ async fn sigkill_leaves_the_key_to_expire_with_the_lease() {
 
 #[tokio::test]
 async fn steady_state_writes_no_revisions() {
-    let (_etcd, backend, sk, mut c) = registered(KEY, "10.0.0.5:8080", "1", "1").await;
+    let (_etcd, backend, sk, mut c) = registered(KEY, ADDR, "1", "1").await;
 
     let before = revision(&mut c).await;
     let lease = get(&mut c, KEY).await.unwrap().lease();
-    // Three TTLs: about nine keep-alives and fifteen probes.
+    // The scenario: three TTLs (about nine keep-alives and thirty probes) in
+    // which nothing may be written.
     tokio::time::sleep(6 * SEC).await;
     assert_eq!(
         revision(&mut c).await,
@@ -222,9 +181,7 @@ async fn steady_state_writes_no_revisions() {
 async fn no_probe_announces_unconditionally_and_says_so_first() {
     let etcd = Etcd::start().await;
     let eps = etcd.endpoints();
-    let sk = Running::start(&["run", KEY, "v", "--ttl", "2s", "--endpoints", &eps]);
-    let c = etcd.client(0).await;
-    assert!(key_becomes(&c, KEY, Some("v"), 10 * SEC).await, "{}", sk.log());
+    let (sk, _c) = start_registered(&etcd, &plain_run(KEY, "v", &eps)).await;
     let log = sk.log();
     let first = log.lines().next().unwrap();
     assert!(first.contains("no probe given: announcing unconditionally"), "{first}");
@@ -236,7 +193,7 @@ async fn no_probe_announces_unconditionally_and_says_so_first() {
 
 #[tokio::test]
 async fn another_writers_key_survives_our_withdrawal() {
-    let (_etcd, backend, sk, mut c) = registered(KEY, "10.0.0.5:8080", "1", "1").await;
+    let (_etcd, backend, sk, mut c) = registered(KEY, ADDR, "1", "1").await;
 
     // A new instance takes the key over under its own lease.
     let theirs = c.lease_grant(30, None).await.unwrap().id();
@@ -262,17 +219,15 @@ async fn another_writers_key_survives_our_withdrawal() {
         "{}",
         sk.log()
     );
-    tokio::time::sleep(SEC).await;
+    // It tries again each interval: give it five more probes' worth of tries.
+    let hits = backend.hits();
+    assert!(eventually(5 * SEC, || async { backend.hits() >= hits + 5 }).await);
     let kv = get(&mut c, KEY).await.unwrap();
     assert_eq!((kv.value_str().unwrap(), kv.lease()), ("10.0.0.9:8080", theirs));
 
     // Once theirs is gone, ours comes back by itself.
     c.lease_revoke(theirs).await.unwrap();
-    assert!(
-        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 5 * SEC).await,
-        "{}",
-        sk.log()
-    );
+    assert!(key_becomes(&c, KEY, Some(ADDR), 5 * SEC).await, "{}", sk.log());
 }
 
 #[tokio::test]
@@ -282,25 +237,16 @@ async fn first_registration_takes_over_a_leftover_key() {
     let mut c = etcd.client(0).await;
     // What a previous run of this instance (or `etcdctl set`) left behind.
     c.put(KEY, "stale", None).await.unwrap();
-    let sk = Running::start(&["run", KEY, "fresh", "--ttl", "2s", "--endpoints", &eps]);
-    assert!(key_becomes(&c, KEY, Some("fresh"), 10 * SEC).await, "{}", sk.log());
+    let (_sk, _) = start_registered(&etcd, &plain_run(KEY, "fresh", &eps)).await;
     assert_ne!(get(&mut c, KEY).await.unwrap().lease(), 0);
 }
 
 #[tokio::test]
 async fn json_logs_name_endpoints_and_rule_in_the_first_line() {
-    let etcd = Etcd::start().await;
-    let backend = Backend::start();
-    let (url, eps) = (backend.url(), etcd.endpoints());
-    let mut args = vec!["--log-format", "json"];
-    args.extend(fast_args(&eps, &url, "1", "1"));
-    let mut sk = Running::start(&args);
-    let c = etcd.client(0).await;
-    assert!(
-        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
-        "{}",
-        sk.log()
-    );
+    // The global flag before the subcommand.
+    let (etcd, _backend, mut sk, _c) =
+        registered_with(KEY, ADDR, "1", "1", |a| [&["--log-format", "json"][..], &a].concat()).await;
+    let eps = etcd.endpoints();
     sk.signal("TERM");
     sk.exit_within(10 * SEC).await.expect("exits");
     let log = sk.log();

@@ -12,6 +12,7 @@ use rcgen::{
 use crate::harness::*;
 
 const KEY: &str = "/services/web/1";
+const ADDR: &str = "10.0.0.5:8080";
 const SEC: Duration = Duration::from_secs(1);
 
 /// A CA and the PEM files it signed, in a temp dir.
@@ -86,20 +87,10 @@ impl Pki {
     }
 }
 
-fn run_args<'a>(eps: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec![
-        "run",
-        KEY,
-        "10.0.0.5:8080",
-        "--ttl",
-        "2s",
-        "--dial-timeout",
-        "1s",
-        "--endpoints",
-        eps,
-    ];
-    v.extend_from_slice(extra);
-    v
+/// Failed etcd attempts logged, the first of a cause as a warning and the
+/// rest at debug level.
+fn retries(log: &str) -> usize {
+    log.lines().filter(|l| l.contains("; retrying")).count()
 }
 
 #[tokio::test]
@@ -109,7 +100,7 @@ async fn tls_with_client_certificates() {
     let eps = etcd.endpoints();
     assert!(eps.starts_with("https://"));
     let (ca, cert, key) = (pki.arg("ca.pem"), pki.arg("client.pem"), pki.arg("client.key"));
-    let mut sk = Running::start(&run_args(&eps, &["--cacert", &ca, "--cert", &cert, "--key", &key]));
+    let mut sk = Running::start(&plain_run(KEY, ADDR, &eps).and(&["--cacert", &ca, "--cert", &cert, "--key", &key]));
     let mut c = etcd.client(0).await;
     assert!(
         key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
@@ -141,16 +132,18 @@ async fn tls_with_the_wrong_ca_or_no_client_certificate_is_a_clear_error_and_ret
 
     // Our client certificate, but a CA that did not sign etcd's.
     let wrong_ca = other.arg("ca.pem");
-    let mut sk = Running::start(&run_args(
-        &eps,
-        &["--cacert", &wrong_ca, "--cert", &cert, "--key", &key],
-    ));
+    let mut sk =
+        Running::start(&plain_run(KEY, ADDR, &eps).and(&["--cacert", &wrong_ca, "--cert", &cert, "--key", &key]));
     assert!(
         eventually(10 * SEC, || async { sk.log().contains("could not grant a lease") }).await,
         "{}",
         sk.log()
     );
-    tokio::time::sleep(2 * SEC).await;
+    assert!(
+        eventually(10 * SEC, || async { retries(&sk.log()) >= 3 }).await,
+        "{}",
+        sk.log()
+    );
     assert!(sk.alive(), "retries, never exits: {}", sk.log());
     let log = sk.log();
     let line = log.lines().find(|l| l.contains("could not grant a lease")).unwrap();
@@ -231,7 +224,7 @@ async fn auth_with_a_role_limited_to_a_prefix() {
 
     // The password from SIDEKICK_PASSWORD, the safe way.
     let env = [("SIDEKICK_PASSWORD", "svc-Secret-4711")];
-    let mut sk = Running::start_with_env(&run_args(&eps, &["--user", "svc"]), &env);
+    let mut sk = Running::start_with_env(&plain_run(KEY, ADDR, &eps).and(&["--user", "svc"]), &env);
     assert!(
         key_becomes(&root, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
         "{}",
@@ -255,17 +248,7 @@ async fn auth_with_a_role_limited_to_a_prefix() {
 
     // `run` keeps trying, and says why, naming the key.
     let mut sk = Running::start_with_env(
-        &[
-            "run",
-            "/other/x",
-            "v",
-            "--ttl",
-            "2s",
-            "--user",
-            "svc",
-            "--endpoints",
-            &eps,
-        ],
+        &plain_run("/other/x", "v", &eps).and(&["--user", "svc"]),
         &[("SIDEKICK_PASSWORD", "svc-Secret-4711")],
     );
     assert!(
@@ -287,7 +270,7 @@ async fn a_wrong_password_is_a_clear_error_and_retried() {
     enable_auth(&mut etcd.client(0).await).await;
     let eps = etcd.endpoints();
     let mut sk = Running::start_with_env(
-        &run_args(&eps, &["--user", "svc"]),
+        &plain_run(KEY, ADDR, &eps).and(&["--user", "svc"]),
         &[("SIDEKICK_PASSWORD", "wrong-pw-123")],
     );
     assert!(
@@ -295,8 +278,12 @@ async fn a_wrong_password_is_a_clear_error_and_retried() {
         "{}",
         sk.log()
     );
-    tokio::time::sleep(2 * SEC).await;
-    assert!(sk.alive(), "{}", sk.log());
+    assert!(
+        eventually(10 * SEC, || async { retries(&sk.log()) >= 3 }).await,
+        "{}",
+        sk.log()
+    );
+    assert!(sk.alive(), "retries, never exits: {}", sk.log());
     assert!(!sk.log().contains("wrong-pw-123"), "the password is never logged");
 }
 
@@ -311,7 +298,7 @@ async fn secrets_never_appear_in_logs_errors_or_help() {
 
     // A whole life cycle at trace level, password from the environment.
     let log = dir.path().join("trace.log");
-    let mut child = sidekick(&run_args(&eps, &["--user", "svc"]))
+    let mut child = sidekick(&plain_run(KEY, ADDR, &eps).and(&["--user", "svc"]))
         .env("SIDEKICK_PASSWORD", secret)
         .env("RUST_LOG", "trace")
         .stderr(std::fs::File::create(&log).unwrap())

@@ -240,14 +240,18 @@ fn duration(text: &str) -> Duration {
     }
 }
 
-/// The one `Environment=PORT=...` of a unit.
-fn port(entries: &[(String, String, String)]) -> String {
-    let ports: Vec<&str> = values(entries, "Service", "Environment")
+/// Where a unit gets `PORT` from: its `EnvironmentFile=` lines naming a
+/// per-instance file, and any `Environment=PORT=` line.
+fn port_sources(entries: &[(String, String, String)]) -> (Vec<&str>, Vec<&str>) {
+    let files = values(entries, "Service", "EnvironmentFile")
         .into_iter()
-        .filter_map(|v| v.strip_prefix("PORT="))
+        .filter(|f| f.contains("%i"))
         .collect();
-    assert_eq!(ports.len(), 1, "one Environment=PORT= line: {ports:?}");
-    ports[0].to_string()
+    let literal = values(entries, "Service", "Environment")
+        .into_iter()
+        .filter(|v| v.starts_with("PORT="))
+        .collect();
+    (files, literal)
 }
 
 /// If this breaks, `systemctl stop app@N` stops the instance while its key
@@ -302,10 +306,49 @@ fn sidekick_unit_stops_before_its_instance_and_outlives_its_drain() {
         "app@.service Wants=app_presence@%i.service"
     );
     assert_eq!(
-        port(&app),
-        port(&unit),
-        "PORT in app@.service and app_presence@.service"
+        port_sources(&app),
+        port_sources(&unit),
+        "app@.service and app_presence@.service take PORT from the same place"
     );
+}
+
+/// `Environment=PORT=808%i` made `app@10` listen on port 80810, which does
+/// not exist: systemd specifiers have no arithmetic, so a port is never a
+/// literal followed by `%i`; every instance unit reads `PORT` from one file
+/// per instance instead.
+#[test]
+fn instance_10_and_up_get_a_real_port_not_digits_followed_by_the_instance() {
+    for path in unit_files(".service") {
+        let unit = parse_unit(&path);
+        for (section, key, value) in &unit {
+            let glued = value
+                .match_indices("%i")
+                .any(|(at, _)| value[..at].ends_with(|c: char| c.is_ascii_digit()));
+            assert!(
+                !glued,
+                "{}: [{section}] {key}={value} appends the instance to digits",
+                file_name(&path)
+            );
+        }
+        if !values(&unit, "Service", "ExecStart")
+            .iter()
+            .any(|e| e.contains("${PORT}"))
+        {
+            continue;
+        }
+        let (files, literal) = port_sources(&unit);
+        assert!(
+            literal.is_empty(),
+            "{}: PORT set in the unit: {literal:?}",
+            file_name(&path)
+        );
+        assert_eq!(
+            files,
+            ["/etc/app/%i.env"],
+            "{}: PORT from the instance's file, which must exist (no \"-\")",
+            file_name(&path)
+        );
+    }
 }
 
 /// If this breaks, the inline unit deletes a key another instance owns now,
