@@ -872,6 +872,66 @@ mod tests {
         assert_eq!(reg.calls("put_shared"), 1, "checked once, not every interval");
     }
 
+    /// Records every notification.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl crate::notify::Notifier for Recorder {
+        fn send(&self, notice: crate::notify::Notice<'_>) {
+            self.0.lock().unwrap().push(format!("{notice:?}"));
+        }
+    }
+
+    impl Recorder {
+        fn count(&self, what: &str) -> usize {
+            self.0.lock().unwrap().iter().filter(|m| m.starts_with(what)).count()
+        }
+    }
+
+    /// A probe that passes `healthy_for` times, then never answers: a loop
+    /// wedged in a probe.
+    struct Wedges(AtomicU32);
+
+    impl Check for Wedges {
+        async fn check(&self) -> Outcome {
+            if self.0.fetch_sub(1, Ordering::SeqCst) == 0 {
+                std::future::pending::<()>().await;
+            }
+            Outcome {
+                ok: true,
+                latency: Duration::ZERO,
+                detail: "HTTP 200".into(),
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watchdog_pings_come_from_the_probe_loop_and_stop_when_it_wedges() {
+        let rec = Recorder::default();
+        let mut hooks = Hooks::default();
+        hooks.notifier = Some(Box::new(rec.clone()));
+        hooks.watchdog = Some(Duration::from_millis(300));
+        let reg = MemoryRegistry::new();
+        let token = CancellationToken::new();
+        let p = plan(1000, 1, 1, 15);
+        // Five probes pass (0 to ~4 s), the sixth hangs.
+        let probe = Wedges(AtomicU32::new(5));
+        let task = tokio::spawn({
+            let (reg, token) = (reg.clone(), token.clone());
+            async move { run_with(&p, Some(probe), reg, token, &hooks).await }
+        });
+        at(3.5).await;
+        let pings = rec.count("Watchdog");
+        assert!((9..=12).contains(&pings), "{pings} pings in 3.5 s");
+        assert_eq!(rec.count("Ready"), 1, "ready once registered");
+        at(20.0).await;
+        let wedged = rec.count("Watchdog");
+        assert!(wedged - pings <= 4, "pings stop once the loop wedges: {pings} then {wedged}");
+        token.cancel();
+        task.await.unwrap();
+        assert_eq!(rec.count("Stopping"), 1);
+    }
+
     #[test]
     fn jitter_stays_within_ten_percent_below() {
         let d = Duration::from_secs(10);

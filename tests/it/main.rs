@@ -9,6 +9,7 @@ mod haproxy;
 mod harness;
 mod netns;
 mod oneshot;
+mod operability;
 mod repo;
 mod run;
 mod security;
