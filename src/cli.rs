@@ -43,6 +43,8 @@ pub enum Command {
     Discover(DiscoverArgs),
     /// List keys under PREFIX with their values and remaining lease TTL.
     List(ListArgs),
+    /// Many services in one process, under one lease, from a TOML file or a directory of them.
+    Agent(AgentArgs),
     /// Wait until every KEY exists (or, with --gone, none does), or until enough keys exist under --prefix.
     Wait(WaitCmdArgs),
 }
@@ -83,6 +85,36 @@ pub struct RunArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub timing: TimingArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub etcd: EtcdArgs,
+}
+
+/// `sidekick agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// A TOML file, or a directory of *.toml, with [services.NAME] tables (SIGHUP reloads it).
+    #[arg(long, value_name = "PATH", env = "SIDEKICK_CONFIG")]
+    pub config: String,
+    /// TTL of the process's lease [default: 15s].
+    #[arg(long, value_name = "D", env = "SIDEKICK_TTL")]
+    pub ttl: Option<String>,
+    /// Serve /healthz, /status (JSON) and /metrics (Prometheus) on HOST:PORT [default: off].
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        env = "SIDEKICK_STATUS_ADDR",
+        help_heading = "Operability"
+    )]
+    pub status_addr: Option<String>,
+    /// While PATH exists every service is withdrawn and probing goes on (also SIGUSR1/SIGUSR2).
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "SIDEKICK_MAINTENANCE_FILE",
+        help_heading = "Operability"
+    )]
+    pub maintenance_file: Option<String>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub etcd: EtcdArgs,

@@ -395,7 +395,7 @@ fn key_values(key: &str, value: &str, extra: &[String]) -> Result<Vec<(String, S
 
 /// A lease TTL: whole seconds (etcd grants leases in seconds, and rounding
 /// silently would change what the operator asked for), at least 2s.
-fn lease_ttl(raw: &Option<String>, default: Duration) -> Result<Duration, UsageError> {
+pub(crate) fn lease_ttl(raw: &Option<String>, default: Duration) -> Result<Duration, UsageError> {
     let ttl = duration("--ttl", raw, default)?;
     let show = humantime::format_duration(ttl);
     if ttl.subsec_nanos() != 0 {

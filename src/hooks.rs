@@ -33,6 +33,11 @@ pub struct Hooks {
     pub maintenance_file: Option<PathBuf>,
     /// SIGUSR1 (true) and SIGUSR2 (false): maintenance by signal.
     pub maintenance_switch: Option<watch::Receiver<bool>>,
+    /// How long after the start the first probe comes (the agent spreads
+    /// its services' probes over their intervals).
+    pub phase: Duration,
+    /// Probes in flight at once, across the services sharing it.
+    pub probe_permits: Option<Arc<tokio::sync::Semaphore>>,
     ready: AtomicBool,
 }
 
@@ -66,7 +71,11 @@ impl Hooks {
                 let endpoint = cfg.etcd.discovery.endpoints.first().cloned().unwrap_or_default();
                 let board = Arc::new(Board::new(&cfg.keys[0].0, keys, &endpoint, stall));
                 info!(addr = %listener.local_addr()?, "serving /healthz, /status and /metrics");
-                tokio::spawn(crate::status::serve(listener, board.clone(), shutdown));
+                tokio::spawn(crate::status::serve(
+                    listener,
+                    crate::status::View::One(board.clone()),
+                    shutdown,
+                ));
                 Some(board)
             }
         };
@@ -77,6 +86,8 @@ impl Hooks {
             notifier: notifier.map(|n| Box::new(n) as Box<dyn Notifier>),
             maintenance_file: cfg.maintenance_file.clone(),
             maintenance_switch,
+            phase: Duration::ZERO,
+            probe_permits: None,
             ready: AtomicBool::new(false),
         })
     }

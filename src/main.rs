@@ -5,8 +5,9 @@ use std::process;
 
 use clap::error::ErrorKind;
 use clap::Parser;
+use etcd_sidekick::agent::{self, AgentHooks};
 use etcd_sidekick::cli::{
-    AnnounceArgs, CheckArgs, Cli, Command, DiscoverArgs, ListArgs, LogFormat, RunArgs, WithdrawArgs,
+    AgentArgs, AnnounceArgs, CheckArgs, Cli, Command, DiscoverArgs, ListArgs, LogFormat, RunArgs, WithdrawArgs,
 };
 use etcd_sidekick::config::{self, EtcdSettings, UsageError};
 use etcd_sidekick::discover::SystemEnv;
@@ -77,7 +78,7 @@ fn clap_exit(e: clap::Error) -> ! {
         .join(" ");
     let line = match e.kind() {
         ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            "a command is required: run, check, announce, withdraw, discover, list or wait (see --help)"
+            "a command is required: run, agent, check, announce, withdraw, discover, list or wait (see --help)"
         }
         _ => line.trim_start_matches("error: "),
     };
@@ -117,6 +118,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     match command {
         Command::Run(args) => run(args),
+        Command::Agent(args) => agent(args),
         Command::Check(args) => check(args),
         Command::Announce(args) => announce(args),
         Command::Withdraw(args) => withdraw(args),
@@ -170,6 +172,26 @@ fn run(args: RunArgs) -> Result<ExitCode, Failure> {
             .await
             .map_err(|e| anyhow::Error::new(e).context("could not serve --status-addr"))?;
         sidekick::run_with(&plan, probe, registry, token, &hooks).await;
+        Ok::<_, Failure>(())
+    })?;
+    Ok(ExitCode::Success)
+}
+
+fn agent(args: AgentArgs) -> Result<ExitCode, Failure> {
+    let cfg = agent::agent_config(&args, &SystemEnv)?;
+    let options = connect_options(&cfg.etcd).map_err(Failure::Usage)?;
+    let d = &cfg.etcd.discovery;
+    info!(endpoints = %d.endpoints.join(","), rule = %d.rule, config = %args.config, "agent");
+    let registry = EtcdRegistry::new(d.endpoints.clone(), options, cfg.call_bound());
+    runtime()?.block_on(async {
+        let signals = |e| anyhow::Error::new(e).context("could not install signal handlers");
+        let token = shutdown::on_signals().map_err(signals)?;
+        let switch = shutdown::maintenance_switch().map_err(signals)?;
+        let reload = shutdown::on_reload().map_err(signals)?;
+        let hooks = AgentHooks::for_agent(&cfg, Some(switch), token.clone())
+            .await
+            .map_err(|e| anyhow::Error::new(e).context("could not serve --status-addr"))?;
+        agent::run(&cfg.settings, cfg.services.clone(), registry, token, reload, &hooks).await;
         Ok::<_, Failure>(())
     })?;
     Ok(ExitCode::Success)

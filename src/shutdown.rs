@@ -1,6 +1,6 @@
 //! Signals → cancellation: the first SIGTERM/SIGINT cancels the token, which
 //! every loop watches; a second one exits at once. SIGUSR1/SIGUSR2 are the
-//! maintenance switch.
+//! maintenance switch, SIGHUP the agent's reload.
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -46,6 +46,23 @@ pub fn maintenance_switch() -> std::io::Result<tokio::sync::watch::Receiver<bool
             };
             info!(signal = if on { "SIGUSR1" } else { "SIGUSR2" }, "maintenance switch");
             if tx.send(on).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// SIGHUP as a counter that goes up on every signal: the agent reloads its
+/// configuration when it changes. Must be called inside a tokio runtime.
+pub fn on_reload() -> std::io::Result<tokio::sync::watch::Receiver<u64>> {
+    let mut hup = signal(SignalKind::hangup())?;
+    let (tx, rx) = tokio::sync::watch::channel(0u64);
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            info!(signal = "SIGHUP", "reloading the configuration");
+            tx.send_modify(|n| *n += 1);
+            if tx.is_closed() {
                 return;
             }
         }

@@ -89,16 +89,30 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(1.0 - fastrand::f64() * 0.1)
 }
 
-async fn probe_loop<P: Check>(
+/// Where the probe loop publishes the state it settles on.
+pub(crate) trait Publish {
+    /// The state now; a repeat of the last one is no news.
+    fn publish(&self, state: State);
+}
+
+impl Publish for watch::Sender<State> {
+    fn publish(&self, state: State) {
+        self.send_if_modified(|s| std::mem::replace(s, state) != state);
+    }
+}
+
+/// Probes every interval and publishes the health state, until `shutdown`.
+pub(crate) async fn probe_loop<P: Check>(
     probe: &P,
     timing: &Timing,
-    tx: &watch::Sender<State>,
+    tx: &impl Publish,
     hooks: &Hooks,
     shutdown: &CancellationToken,
 ) {
     let start = Instant::now();
     let mut health = Health::new(timing.rise, timing.fall, timing.grace);
-    let mut next = start;
+    // Many probe loops in one process start at spread-out phases.
+    let mut next = start + hooks.phase;
     let mut switch = hooks.maintenance_switch.clone();
     let mut ping = hooks.watchdog.map(|every| Instant::now() + every);
     let mut maintenance = false;
@@ -121,7 +135,7 @@ async fn probe_loop<P: Check>(
             if maintenance {
                 info!("entering maintenance: withdrawing the keys; probing goes on");
                 hooks.state(State::Maintenance, "maintenance, withdrawn");
-                tx.send_replace(State::Maintenance);
+                tx.publish(State::Maintenance);
             } else {
                 info!(
                     rise = timing.rise,
@@ -129,7 +143,7 @@ async fn probe_loop<P: Check>(
                 );
                 health = Health::new(timing.rise, timing.fall, Duration::ZERO);
                 hooks.state(State::Starting, "leaving maintenance, probing");
-                tx.send_replace(State::Starting);
+                tx.publish(State::Starting);
             }
         }
         if !probe_due {
@@ -139,7 +153,14 @@ async fn probe_loop<P: Check>(
         next = began + jitter(timing.interval);
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => return,
-            o = probe.check() => o,
+            o = async {
+                // Bounded: an agent's thousand services never probe all at once.
+                let _permit = match &hooks.probe_permits {
+                    Some(p) => p.acquire().await.ok(),
+                    None => None,
+                };
+                probe.check().await
+            } => o,
         };
         if maintenance {
             hooks.probed(&outcome, 0);
@@ -177,7 +198,7 @@ async fn probe_loop<P: Check>(
             ),
             None => debug!(probe = %outcome, state = health.state().as_str(), "probe"),
         }
-        tx.send_if_modified(|s| std::mem::replace(s, health.state()) != health.state());
+        tx.publish(health.state());
     }
 }
 
@@ -195,14 +216,14 @@ async fn changed(switch: &mut Option<watch::Receiver<bool>>) {
 
 /// Exponential backoff with jitter, capped.
 #[derive(Debug)]
-struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
     first: Duration,
     cap: Duration,
 }
 
 impl Backoff {
-    fn new(cap: Duration) -> Self {
+    pub(crate) fn new(cap: Duration) -> Self {
         let first = Duration::from_millis(100).min(cap);
         Backoff {
             next: first,
@@ -212,13 +233,13 @@ impl Backoff {
     }
 
     /// The wait before the next attempt: random in [next/2, next].
-    fn fail(&mut self) -> Duration {
+    pub(crate) fn fail(&mut self) -> Duration {
         let wait = self.next.mul_f64(0.5 + fastrand::f64() * 0.5);
         self.next = (self.next * 2).min(self.cap);
         wait
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = self.first;
     }
 }
@@ -452,13 +473,13 @@ async fn wait_for(next: Option<(Action, Instant)>) -> Action {
 /// warning, whichever endpoint gave it, and repeats go to debug, so a
 /// partitioned cluster tried over and over does not fill the journal.
 #[derive(Debug, Default)]
-struct Trouble {
+pub(crate) struct Trouble {
     seen: Vec<(&'static str, String)>,
 }
 
 impl Trouble {
     /// Logs `e`; true when its cause is new in this outage.
-    fn note(&mut self, e: &RegistryError) -> bool {
+    pub(crate) fn note(&mut self, e: &RegistryError) -> bool {
         let cause = (e.op, e.cause.replace(&e.endpoint, "ENDPOINT"));
         if self.seen.contains(&cause) {
             debug!(endpoint = %e.endpoint, "{e}; retrying");
@@ -471,7 +492,7 @@ impl Trouble {
     }
 
     /// Forgets the outage; true when there was one.
-    fn clear(&mut self) -> bool {
+    pub(crate) fn clear(&mut self) -> bool {
         let was = !self.seen.is_empty();
         self.seen.clear();
         was
@@ -538,7 +559,7 @@ impl Held {
 }
 
 /// The final revoke on shutdown: retried over the endpoints until `bound`.
-async fn stop_revoke<R: Registry>(reg: &mut R, id: LeaseId, bound: Duration) {
+pub(crate) async fn stop_revoke<R: Registry>(reg: &mut R, id: LeaseId, bound: Duration) {
     let deadline = Instant::now() + bound;
     let attempts = async {
         loop {
@@ -926,7 +947,10 @@ mod tests {
         assert_eq!(rec.count("Ready"), 1, "ready once registered");
         at(20.0).await;
         let wedged = rec.count("Watchdog");
-        assert!(wedged - pings <= 4, "pings stop once the loop wedges: {pings} then {wedged}");
+        assert!(
+            wedged - pings <= 4,
+            "pings stop once the loop wedges: {pings} then {wedged}"
+        );
         token.cancel();
         task.await.unwrap();
         assert_eq!(rec.count("Stopping"), 1);

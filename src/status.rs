@@ -182,8 +182,12 @@ impl Board {
         self.with(|s| s.tick.elapsed() <= self.stall)
     }
 
-    /// `/status`: one JSON object.
+    /// `/status` of this service: one JSON object.
     pub fn to_json(&self) -> String {
+        self.json_value().to_string()
+    }
+
+    fn json_value(&self) -> serde_json::Value {
         self.with(|s| {
             let state = if s.state == "up" && s.failing > 0 {
                 "suspect"
@@ -206,7 +210,7 @@ impl Board {
                 })
                 .collect();
             serde_json::json!({
-                "service": self.service,
+                "name": self.service,
                 "state": state,
                 "keys": self.keys,
                 "lease_id": s.lease.map(|(l, _, _)| l.to_string()),
@@ -215,60 +219,108 @@ impl Board {
                 "last_probes": probes,
                 "last_error": s.last_error,
             })
-            .to_string()
         })
     }
 
-    /// `/metrics`: Prometheus' text format, every series labelled `service`.
+    /// `/metrics` of this service alone.
     pub fn to_metrics(&self) -> String {
-        let label = format!("service=\"{}\"", escape_label(&self.service));
-        self.with(|s| {
-            let mut out = String::new();
-            let _ = writeln!(
-                out,
-                "# HELP sidekick_registered Whether the keys are registered in etcd.\n# TYPE sidekick_registered gauge"
-            );
-            let _ = writeln!(out, "sidekick_registered{{{label}}} {}", u8::from(s.registered));
-            let _ = writeln!(
-                out,
-                "# HELP sidekick_probe_duration_seconds How long probes took.\n# TYPE sidekick_probe_duration_seconds histogram"
-            );
-            let count = s.probes_ok + s.probes_failed;
-            for (i, le) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "sidekick_probe_duration_seconds_bucket{{{label},le=\"{le}\"}} {}",
-                    s.buckets[i]
-                );
-            }
-            let _ = writeln!(out, "sidekick_probe_duration_seconds_bucket{{{label},le=\"+Inf\"}} {count}");
-            let _ = writeln!(out, "sidekick_probe_duration_seconds_sum{{{label}}} {}", s.duration_sum);
-            let _ = writeln!(out, "sidekick_probe_duration_seconds_count{{{label}}} {count}");
-            for (name, help, lines) in [
-                (
-                    "sidekick_probes_total",
-                    "Probes by result.",
-                    vec![("result=\"ok\"", s.probes_ok), ("result=\"failed\"", s.probes_failed)],
-                ),
-                (
-                    "sidekick_transitions_total",
-                    "State changes (starting, up, down, maintenance).",
-                    vec![("", s.transitions)],
-                ),
-                (
-                    "sidekick_keepalive_failures_total",
-                    "Lease keep-alives that failed.",
-                    vec![("", s.keepalive_failures)],
-                ),
-            ] {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-                for (extra, v) in lines {
-                    let sep = if extra.is_empty() { "" } else { "," };
-                    let _ = writeln!(out, "{name}{{{label}{sep}{extra}}} {v}");
+        metrics(std::slice::from_ref(&self))
+    }
+}
+
+/// The metric families, each written once with the samples of every board.
+const FAMILIES: [(&str, &str, &str); 5] = [
+    (
+        "sidekick_registered",
+        "gauge",
+        "Whether the keys are registered in etcd.",
+    ),
+    ("sidekick_probe_duration_seconds", "histogram", "How long probes took."),
+    ("sidekick_probes_total", "counter", "Probes by result."),
+    (
+        "sidekick_transitions_total",
+        "counter",
+        "State changes (starting, up, down, maintenance).",
+    ),
+    (
+        "sidekick_keepalive_failures_total",
+        "counter",
+        "Lease keep-alives that failed.",
+    ),
+];
+
+/// `/metrics` in Prometheus' text format: every family once, a series per
+/// board labelled `service`.
+pub fn metrics(boards: &[&Board]) -> String {
+    let mut out = String::new();
+    for (name, kind, help) in FAMILIES {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for b in boards {
+            let label = format!("service=\"{}\"", escape_label(&b.service));
+            b.with(|s| match name {
+                "sidekick_registered" => {
+                    let _ = writeln!(out, "{name}{{{label}}} {}", u8::from(s.registered));
                 }
+                "sidekick_probe_duration_seconds" => {
+                    let count = s.probes_ok + s.probes_failed;
+                    for (i, le) in BUCKETS.iter().enumerate() {
+                        let _ = writeln!(out, "{name}_bucket{{{label},le=\"{le}\"}} {}", s.buckets[i]);
+                    }
+                    let _ = writeln!(out, "{name}_bucket{{{label},le=\"+Inf\"}} {count}");
+                    let _ = writeln!(out, "{name}_sum{{{label}}} {}", s.duration_sum);
+                    let _ = writeln!(out, "{name}_count{{{label}}} {count}");
+                }
+                "sidekick_probes_total" => {
+                    let _ = writeln!(out, "{name}{{{label},result=\"ok\"}} {}", s.probes_ok);
+                    let _ = writeln!(out, "{name}{{{label},result=\"failed\"}} {}", s.probes_failed);
+                }
+                "sidekick_transitions_total" => {
+                    let _ = writeln!(out, "{name}{{{label}}} {}", s.transitions);
+                }
+                _ => {
+                    let _ = writeln!(out, "{name}{{{label}}} {}", s.keepalive_failures);
+                }
+            });
+        }
+    }
+    out
+}
+
+/// What the server shows: one service (`run`), or the agent's services,
+/// which a reload changes.
+#[derive(Debug, Clone)]
+pub enum View {
+    /// `run`: `/status` is the service's object.
+    One(Arc<Board>),
+    /// `agent`: `/status` is `{"services": [...]}`.
+    Many(Arc<Mutex<Vec<Arc<Board>>>>),
+}
+
+impl View {
+    fn boards(&self) -> Vec<Arc<Board>> {
+        match self {
+            View::One(b) => vec![b.clone()],
+            View::Many(list) => list.lock().expect("boards lock").clone(),
+        }
+    }
+
+    fn status(&self) -> String {
+        match self {
+            View::One(b) => b.to_json(),
+            View::Many(_) => {
+                let services: Vec<serde_json::Value> = self.boards().iter().map(|b| b.json_value()).collect();
+                serde_json::json!({ "services": services }).to_string()
             }
-            out
-        })
+        }
+    }
+
+    fn metrics(&self) -> String {
+        let boards = self.boards();
+        metrics(&boards.iter().map(|b| b.as_ref()).collect::<Vec<_>>())
+    }
+
+    fn healthy(&self) -> bool {
+        self.boards().iter().all(|b| b.healthy())
     }
 }
 
@@ -278,7 +330,7 @@ fn escape_label(v: &str) -> String {
 
 /// Serves the board on `listener` until `shutdown`: one small HTTP/1.1
 /// server on hyper (already in the tree), no framework.
-pub async fn serve(listener: TcpListener, board: Arc<Board>, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, view: View, shutdown: CancellationToken) {
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -291,11 +343,11 @@ pub async fn serve(listener: TcpListener, board: Arc<Board>, shutdown: Cancellat
                 }
             },
         };
-        let board = board.clone();
+        let view = view.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let board = board.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(&board, &req)) }
+                let view = view.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&view, &req)) }
             });
             let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             // A client that never finishes its request is cut off.
@@ -304,19 +356,19 @@ pub async fn serve(listener: TcpListener, board: Arc<Board>, shutdown: Cancellat
     }
 }
 
-fn answer<B>(board: &Board, req: &Request<B>) -> Response<Full<Bytes>> {
+fn answer<B>(view: &View, req: &Request<B>) -> Response<Full<Bytes>> {
     let (status, kind, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") if board.healthy() => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        (&Method::GET, "/healthz") if view.healthy() => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         (&Method::GET, "/healthz") => (
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
             "the probe loop has stalled\n".to_string(),
         ),
-        (&Method::GET, "/status") => (StatusCode::OK, "application/json", board.to_json() + "\n"),
+        (&Method::GET, "/status") => (StatusCode::OK, "application/json", view.status() + "\n"),
         (&Method::GET, "/metrics") => (
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            board.to_metrics(),
+            view.metrics(),
         ),
         (&Method::GET, _) => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
         _ => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n".to_string()),

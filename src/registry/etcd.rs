@@ -296,6 +296,36 @@ impl Registry for EtcdRegistry {
         Ok(())
     }
 
+    async fn withdraw_keys(&mut self, lease: LeaseId, keys: &[String]) -> Result<usize, RegistryError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        // A transaction of transactions: each key is deleted only where it
+        // is still on our lease, and all of it lands in one revision.
+        let ops: Vec<TxnOp> = keys
+            .iter()
+            .map(|k| {
+                TxnOp::txn(
+                    Txn::new()
+                        .when([Compare::lease(k.as_str(), CompareOp::Equal, lease.0)])
+                        .and_then([TxnOp::delete(k.as_str(), None)]),
+                )
+            })
+            .collect();
+        let resp = self
+            .call("withdraw the keys", async |c| c.txn(Txn::new().and_then(ops)).await)
+            .await?;
+        let deleted = resp
+            .op_responses()
+            .into_iter()
+            .filter_map(|r| match r {
+                TxnOpResponse::Txn(t) if t.succeeded() => Some(()),
+                _ => None,
+            })
+            .count();
+        Ok(deleted)
+    }
+
     async fn put_shared(
         &mut self,
         lease: LeaseId,

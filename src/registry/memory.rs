@@ -214,6 +214,22 @@ impl Registry for MemoryRegistry {
         Ok(())
     }
 
+    async fn withdraw_keys(&mut self, lease: LeaseId, keys: &[String]) -> Result<usize, RegistryError> {
+        let mut s = self.begin("withdraw_keys")?;
+        let ours: Vec<String> = keys
+            .iter()
+            .filter(|k| s.keys.get(k.as_str()).is_some_and(|(_, l)| *l == lease.0))
+            .cloned()
+            .collect();
+        for k in &ours {
+            s.delete(k);
+        }
+        if !ours.is_empty() {
+            s.revisions += 1;
+        }
+        Ok(ours.len())
+    }
+
     async fn put_shared(
         &mut self,
         lease: LeaseId,

@@ -92,6 +92,11 @@ pub trait Registry {
     /// lease that no longer exists counts as revoked.
     async fn revoke(&mut self, lease: LeaseId) -> Result<(), RegistryError>;
 
+    /// Deletes each of `keys` that `lease` still holds, in one transaction
+    /// (one revision): a key another writer holds now is left alone.
+    /// Returns how many were deleted.
+    async fn withdraw_keys(&mut self, lease: LeaseId, keys: &[String]) -> Result<usize, RegistryError>;
+
     /// Puts each shared key that does not exist (compared by creation
     /// revision, one transaction a key) under `lease`, and never touches one
     /// that does. Returns the keys found present, and the revision at which

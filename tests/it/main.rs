@@ -1,6 +1,7 @@
 //! Integration tests: the `sidekick` binary against real etcd servers
 //! started on free loopback ports. One test binary keeps link time down.
 
+mod agent;
 mod bounds;
 mod cli;
 mod faults;
