@@ -672,3 +672,81 @@ async fn wait_for(next: Option<(Action, Instant)>) -> Action {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The registrar's rhythm against the in-memory registry, under paused
+    //! time; etcd's own behaviour is proven by the integration tests.
+
+    use super::*;
+    use crate::config::Timing;
+    use crate::registry::MemoryRegistry;
+
+    fn unconditional(n: usize) -> Vec<Service> {
+        (0..n)
+            .map(|i| Service {
+                name: format!("s{i}"),
+                file: PathBuf::from("test.toml"),
+                keys: vec![(format!("/services/s{i}/1"), "v".into())],
+                shared: vec![("/services/shared".into(), "x".into())],
+                probe: None,
+                timing: Timing {
+                    interval: Duration::from_secs(1),
+                    rise: 1,
+                    fall: 1,
+                    ttl: Duration::from_secs(9),
+                    grace: Duration::ZERO,
+                    drain: Duration::ZERO,
+                },
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_lease_and_a_keep_alive_rate_independent_of_the_number_of_services() {
+        let settings = Settings {
+            config: PathBuf::from("test.toml"),
+            ttl: Duration::from_secs(9),
+            stop_timeout: Duration::from_secs(1),
+        };
+        let reg = MemoryRegistry::new();
+        let token = CancellationToken::new();
+        let (_reload_tx, reload) = watch::channel(0);
+        let task = tokio::spawn({
+            let (reg, token) = (reg.clone(), token.clone());
+            async move {
+                run(
+                    &settings,
+                    unconditional(200),
+                    reg,
+                    token,
+                    reload,
+                    &AgentHooks::default(),
+                )
+                .await
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (_, lease) = reg.get("/services/s0/1").expect("registered");
+        for i in 0..200 {
+            assert_eq!(
+                reg.get(&format!("/services/s{i}/1")).map(|(_, l)| l),
+                Some(lease),
+                "s{i}"
+            );
+        }
+        assert_eq!(reg.get("/services/shared").map(|(_, l)| l), Some(lease));
+        let revisions = reg.revisions();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(reg.revisions(), revisions, "nothing written while steady");
+        assert_eq!(reg.calls("grant"), 1);
+        let ka = reg.calls("keep_alive");
+        assert!(
+            (19..=21).contains(&ka),
+            "one keep-alive every TTL/3 for 200 services: {ka}"
+        );
+        token.cancel();
+        task.await.unwrap();
+        assert_eq!(reg.get("/services/s0/1"), None, "revoked on stop");
+    }
+}
