@@ -284,7 +284,7 @@ pub async fn run<R: Registry>(
         "agent starting"
     );
     for s in services {
-        agent.start(s);
+        agent.start(s, true);
     }
     agent.registrar(&mut reload).await;
     for s in agent.services.values() {
@@ -297,8 +297,10 @@ pub async fn run<R: Registry>(
 }
 
 impl<R: Registry> Agent<'_, R> {
-    /// Starts a service's probe loop.
-    fn start(&mut self, spec: Service) {
+    /// Starts a service's probe loop: at a random phase of its interval
+    /// when the agent starts (so many services spread out), at once when a
+    /// reload adds it.
+    fn start(&mut self, spec: Service, spread: bool) {
         let initial = if spec.probe.is_some() {
             State::Starting
         } else {
@@ -321,7 +323,9 @@ impl<R: Registry> Agent<'_, R> {
                     hooks.board = board.clone();
                     hooks.maintenance_file = self.hooks.maintenance_file.clone();
                     hooks.maintenance_switch = self.hooks.maintenance_switch.clone();
-                    hooks.phase = spec.timing.interval.mul_f64(fastrand::f64());
+                    if spread {
+                        hooks.phase = spec.timing.interval.mul_f64(fastrand::f64());
+                    }
                     hooks.probe_permits = Some(self.permits.clone());
                     let wake = Wake {
                         tx,
@@ -382,12 +386,12 @@ impl<R: Registry> Agent<'_, R> {
                 Some(_) => {
                     info!(service = %spec.name, "reload: service changed; registering it anew");
                     self.retire(&spec.name);
-                    self.start(spec);
+                    self.start(spec, false);
                     changed += 1;
                 }
                 None => {
                     info!(service = %spec.name, "reload: service added");
-                    self.start(spec);
+                    self.start(spec, false);
                     added += 1;
                 }
             }
