@@ -3,6 +3,7 @@
 
 mod bounds;
 mod cli;
+mod explain;
 mod faults;
 mod guarantees;
 mod haproxy;
