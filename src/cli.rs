@@ -47,6 +47,8 @@ pub enum Command {
     Agent(AgentArgs),
     /// Wait until every KEY exists (or, with --gone, none does), or until enough keys exist under --prefix.
     Wait(WaitCmdArgs),
+    /// Print the worst-case reaction times that run's probe and timing flags give, with warnings.
+    Explain(ExplainArgs),
 }
 
 /// `sidekick run`.
@@ -199,6 +201,23 @@ pub struct WaitCmdArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub etcd: EtcdArgs,
+}
+
+/// `sidekick explain`: the probe and timing flags of `run`, without KEY VALUE.
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub probe: ProbeArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub timing: TimingArgs,
+    /// Time limit for connecting to etcd and for each request [default: 5s].
+    #[arg(long, value_name = "D", env = "SIDEKICK_DIAL_TIMEOUT", help_heading = "etcd")]
+    pub dial_timeout: Option<String>,
 }
 
 /// `sidekick discover`.

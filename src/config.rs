@@ -35,9 +35,14 @@ impl RunConfig {
     /// most a third of the TTL, so a keep-alive that hangs leaves time for
     /// another attempt (on the next endpoint) before the lease runs out.
     pub fn call_bound(&self) -> Duration {
-        let third = Duration::from_millis((self.timing.ttl / 3).as_millis() as u64);
-        self.etcd.dial_timeout.min(third)
+        etcd_call_bound(self.timing.ttl, self.etcd.dial_timeout)
     }
+}
+
+/// min(dial timeout, TTL/3), in whole milliseconds: see [`RunConfig::call_bound`].
+pub fn etcd_call_bound(ttl: Duration, dial_timeout: Duration) -> Duration {
+    let third = Duration::from_millis((ttl / 3).as_millis() as u64);
+    dial_timeout.min(third)
 }
 
 /// The probe of `sidekick check`, which needs one.
@@ -315,12 +320,18 @@ pub fn timing(args: &TimingArgs, probe: Option<&ProbeSpec>) -> Result<Timing, Us
     Ok(t)
 }
 
-/// Builds the etcd settings, discovering the endpoints.
-pub fn etcd_settings(args: &EtcdArgs, env: &dyn Environment) -> Result<EtcdSettings, UsageError> {
-    let dial_timeout = duration("--dial-timeout", &args.dial_timeout, Duration::from_secs(5))?;
-    if dial_timeout.is_zero() {
+/// The `--dial-timeout`: more than zero, 5s by default.
+pub fn dial_timeout(raw: &Option<String>) -> Result<Duration, UsageError> {
+    let d = duration("--dial-timeout", raw, Duration::from_secs(5))?;
+    if d.is_zero() {
         return Err(usage("--dial-timeout must be more than 0s"));
     }
+    Ok(d)
+}
+
+/// Builds the etcd settings, discovering the endpoints.
+pub fn etcd_settings(args: &EtcdArgs, env: &dyn Environment) -> Result<EtcdSettings, UsageError> {
+    let dial_timeout = dial_timeout(&args.dial_timeout)?;
     let discovery = discover::discover(args.endpoints.as_deref(), args.env_file.as_deref(), env)?;
     let password = args
         .password

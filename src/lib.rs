@@ -16,6 +16,7 @@
 //! - [`oneshot`] holds the one-shot etcd commands: announce, withdraw, list.
 //! - [`wait`] blocks until keys exist, are gone, or reach a count, on an
 //!   etcd watch.
+//! - [`explain`] turns `run`'s timing flags into worst-case reaction times.
 //! - [`exit`] is the one place exit codes are defined.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod discover;
 pub mod exit;
+pub mod explain;
 pub mod health;
 pub mod hooks;
 pub mod notify;

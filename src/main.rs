@@ -78,7 +78,7 @@ fn clap_exit(e: clap::Error) -> ! {
         .join(" ");
     let line = match e.kind() {
         ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            "a command is required: run, agent, check, announce, withdraw, discover, list or wait (see --help)"
+            "a command is required: run, agent, check, announce, withdraw, discover, list, wait or explain (see --help)"
         }
         _ => line.trim_start_matches("error: "),
     };
@@ -124,6 +124,10 @@ fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         Command::Withdraw(args) => withdraw(args),
         Command::Discover(args) => discover(args),
         Command::List(args) => list(args),
+        Command::Explain(args) => {
+            print!("{}", etcd_sidekick::explain::command(&args)?);
+            Ok(ExitCode::Success)
+        }
         Command::Wait(args) => match wait::run(&args, &SystemEnv) {
             Ok(()) => Ok(ExitCode::Success),
             Err(wait::Error::Usage(e)) => Err(e.into()),

@@ -4,6 +4,7 @@
 mod agent;
 mod bounds;
 mod cli;
+mod explain;
 mod faults;
 mod guarantees;
 mod haproxy;
