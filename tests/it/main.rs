@@ -10,6 +10,7 @@ mod harness;
 mod netns;
 mod oneshot;
 mod repo;
+mod rollout;
 mod run;
 mod security;
 mod trouble;
