@@ -1,9 +1,11 @@
-//! A tiny HTTP/1.1 backend for `scripts/demo`: healthy (200) while a control file is absent, 503 while it exists.
+//! A tiny HTTP/1.1 backend for `scripts/demo` and `scripts/demo-rollout`: healthy (200) while a control file is
+//! absent, 503 while it exists.
 //!
-//! Usage: `demo_backend ADDR CONTROL_FILE`, e.g. `demo_backend 127.0.0.1:0 /tmp/x/down`. The first stdout line is the
-//! address it actually bound. Every request, whatever its method or path, gets `200 OK` with body `ok\n` while
-//! CONTROL_FILE does not exist and `503 Service Unavailable` with body `down\n` while it does; each connection is
-//! closed after one response.
+//! Usage: `demo_backend ADDR CONTROL_FILE [NAME]`, e.g. `demo_backend 127.0.0.1:0 /tmp/x/down web@1`. The first stdout
+//! line is the address it actually bound. Every request, whatever its method or path, gets `200 OK` with body `ok\n`
+//! while CONTROL_FILE does not exist and `503 Service Unavailable` with body `down\n` while it does; with NAME, every
+//! response also says `X-Served-By: NAME`, so a client behind a load balancer sees which instance answered. Each
+//! connection is closed after one response.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -20,9 +22,17 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let [_, addr, control] = args.as_slice() else {
-        eprintln!("usage: demo_backend ADDR CONTROL_FILE   (e.g. demo_backend 127.0.0.1:0 /tmp/x/down)");
-        return ExitCode::from(2);
+    let (addr, control, name) = match args.as_slice() {
+        [_, addr, control] => (addr, control, None),
+        [_, addr, control, name] if !name.is_empty() && !name.chars().any(char::is_control) => {
+            (addr, control, Some(name.clone()))
+        }
+        _ => {
+            eprintln!(
+                "usage: demo_backend ADDR CONTROL_FILE [NAME]   (e.g. demo_backend 127.0.0.1:0 /tmp/x/down web@1)"
+            );
+            return ExitCode::from(2);
+        }
     };
     let listener = match TcpListener::bind(addr.as_str()) {
         Ok(l) => l,
@@ -46,12 +56,13 @@ fn main() -> ExitCode {
     drop(out);
 
     let control = Arc::new(PathBuf::from(control));
+    let served_by = Arc::new(name.map(|n| format!("X-Served-By: {n}\r\n")).unwrap_or_default());
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
-                let control = Arc::clone(&control);
+                let (control, served_by) = (Arc::clone(&control), Arc::clone(&served_by));
                 thread::spawn(move || {
-                    if let Err(e) = serve(stream, &control) {
+                    if let Err(e) = serve(stream, &control, &served_by) {
                         eprintln!("demo_backend: connection: {e}");
                     }
                 });
@@ -65,8 +76,8 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Reads one request head, answers by the control file, and closes.
-fn serve(mut stream: TcpStream, control: &Path) -> io::Result<()> {
+/// Reads one request head, answers by the control file (with the `served_by` header line, if any), and closes.
+fn serve(mut stream: TcpStream, control: &Path, served_by: &str) -> io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     if !read_head(&mut stream)? {
@@ -78,7 +89,7 @@ fn serve(mut stream: TcpStream, control: &Path) -> io::Result<()> {
         ("200 OK", "ok\n")
     };
     let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{served_by}Connection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(response.as_bytes())?;

@@ -1,6 +1,7 @@
-# Sourced by scripts/demo and scripts/soak: the helpers both use to run a
-# throwaway etcd, the demo backend (examples/demo_backend.rs) and a sidekick on
-# loopback, to watch a key, and to stop exactly the processes they started.
+# Sourced by scripts/demo, scripts/demo-rollout and scripts/soak: the helpers
+# they use to run a throwaway etcd, the demo backend (examples/demo_backend.rs)
+# and a sidekick on loopback, to watch a key, and to stop exactly the processes
+# they started.
 #
 # The functions read these variables, which the sourcing script sets:
 #   TMP            working directory (created by the script)
@@ -26,9 +27,10 @@
 # on fds 3 and 4 so that the traps can write to them even when a signal lands
 # during a command whose output is redirected; every process started here gets
 # 3>&- 4>&- so that it does not hold them. On exit, Ctrl-C (INT) or TERM, the
-# clean-up stops the sidekick first (so that it can still revoke its lease in
-# etcd), then the backend, then etcd, runs the optional function cleanup_hook,
-# and removes $TMP.
+# clean-up runs the optional function cleanup_first (for processes of the
+# script's own that need etcd to stop cleanly), stops the sidekick (so that it
+# can still revoke its lease in etcd), then the backend, then etcd, runs the
+# optional function cleanup_hook, and removes $TMP.
 
 TMP=
 MEMBER_NAME=
@@ -73,6 +75,7 @@ cleanup() {
   exec 1>&3 2>&4
   trap '' INT TERM # a second Ctrl-C must not cut the clean-up short
   trap - EXIT
+  if declare -F cleanup_first >/dev/null; then cleanup_first || true; fi
   stop "$SIDEKICK_PID"
   stop "$BACKEND_PID"
   stop "$ETCD_PID"

@@ -31,7 +31,7 @@ const INTERVAL: Duration = Duration::from_millis(200);
 const REQUESTS: u64 = 40;
 
 /// The `haproxy` binary, or a failure that says how to get it.
-fn haproxy_bin() -> PathBuf {
+pub(crate) fn haproxy_bin() -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin".into(), "/sbin".into(), "/usr/local/sbin".into()])
@@ -48,6 +48,11 @@ fn haproxy_bin() -> PathBuf {
 /// Runs `examples/haproxy/render PREFIX CFG --endpoints EPS` with the
 /// frontend on `port` and the stats socket in `dir`.
 fn render(cfg: &Path, dir: &Path, port: u16, endpoints: &str) -> String {
+    render_prefix(PREFIX, cfg, dir, port, endpoints)
+}
+
+/// [`render`] for the keys under `prefix`.
+pub(crate) fn render_prefix(prefix: &str, cfg: &Path, dir: &Path, port: u16, endpoints: &str) -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/haproxy/render");
     let mut cmd = Command::new("bash");
     for (k, _) in std::env::vars() {
@@ -55,12 +60,12 @@ fn render(cfg: &Path, dir: &Path, port: u16, endpoints: &str) -> String {
             cmd.env_remove(k);
         }
     }
-    for k in ["BACKEND_NAME", "SERVER_OPTS", "HAPROXY_CHECK"] {
+    for k in ["SERVER_OPTS", "HAPROXY_CHECK"] {
         cmd.env_remove(k);
     }
     let out = cmd
         .arg(script)
-        .arg(PREFIX)
+        .arg(prefix)
         .arg(cfg)
         .args(["--endpoints", endpoints])
         .env("SIDEKICK", env!("CARGO_BIN_EXE_sidekick"))
@@ -69,6 +74,8 @@ fn render(cfg: &Path, dir: &Path, port: u16, endpoints: &str) -> String {
         .env("FRONTEND_PORT", port.to_string())
         .env("STATS_SOCKET", dir.join("stats.sock"))
         .env("MASTER_WORKER", "1")
+        // The backend `servers` reads, whatever the prefix.
+        .env("BACKEND_NAME", "web")
         .stdin(Stdio::null())
         .output()
         .expect("bash runs examples/haproxy/render");
@@ -78,17 +85,17 @@ fn render(cfg: &Path, dir: &Path, port: u16, endpoints: &str) -> String {
 }
 
 /// An HAProxy master process we started, with its workers; stopped on drop.
-struct Haproxy {
+pub(crate) struct Haproxy {
     child: Option<Child>,
     master: PathBuf,
     log: PathBuf,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl Haproxy {
     /// `haproxy -W -S DIR/master.sock -f CFG`, in the foreground; waits until
     /// a worker serves the frontend.
-    async fn start(bin: &Path, cfg: &Path, dir: &Path, port: u16) -> Haproxy {
+    pub(crate) async fn start(bin: &Path, cfg: &Path, dir: &Path, port: u16) -> Haproxy {
         let master = dir.join("master.sock");
         let log = dir.join("haproxy.log");
         let child = Command::new(bin)
@@ -118,7 +125,7 @@ impl Haproxy {
         h
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
@@ -130,7 +137,7 @@ impl Haproxy {
 
     /// One command on the master CLI; `None` while the master does not
     /// answer (it re-executes itself on reload).
-    fn cli(&self, command: &str) -> Option<String> {
+    pub(crate) fn cli(&self, command: &str) -> Option<String> {
         let mut s = UnixStream::connect(&self.master).ok()?;
         s.set_read_timeout(Some(2 * SEC)).ok()?;
         s.set_write_timeout(Some(2 * SEC)).ok()?;
@@ -143,7 +150,7 @@ impl Haproxy {
     }
 
     /// PIDs of the workers, current and old, from `show proc`.
-    fn workers(&self) -> Option<BTreeSet<u32>> {
+    pub(crate) fn workers(&self) -> Option<BTreeSet<u32>> {
         let out = self.cli("show proc")?;
         Some(
             out.lines()
@@ -159,7 +166,7 @@ impl Haproxy {
     /// Reloads the configuration through the master socket and waits until
     /// only workers started by this reload remain, so every later request is
     /// served with the new configuration.
-    async fn reload(&mut self) {
+    pub(crate) async fn reload(&mut self) {
         let old = self.workers().expect("the master CLI answers");
         assert!(!old.is_empty(), "haproxy has a worker before the reload");
         // The master re-executes itself and may drop this connection.
@@ -178,7 +185,7 @@ impl Haproxy {
     }
 
     /// The servers of backend `web` in the running worker: (name, addr:port).
-    fn servers(&self) -> BTreeSet<(String, String)> {
+    pub(crate) fn servers(&self) -> BTreeSet<(String, String)> {
         let out = self.cli("@1 show servers state web").expect("the master CLI answers");
         let header: Vec<&str> = out
             .lines()
@@ -214,7 +221,7 @@ impl Drop for Haproxy {
 
 /// One HTTP/1.0 GET through the frontend: the status code and the body, or
 /// what went wrong.
-fn get_through(port: u16, path: &str) -> Result<(u16, String), String> {
+pub(crate) fn get_through(port: u16, path: &str) -> Result<(u16, String), String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(5 * SEC)).unwrap();
     s.set_write_timeout(Some(5 * SEC)).unwrap();

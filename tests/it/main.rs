@@ -13,6 +13,7 @@ mod netns;
 mod oneshot;
 mod operability;
 mod repo;
+mod rollout;
 mod run;
 mod security;
 mod shared;

@@ -47,7 +47,7 @@ fn readme_commands() -> Vec<String> {
 #[test]
 fn every_command_the_readme_names_is_executable() {
     let commands = readme_commands();
-    for must in ["scripts/demo", "scripts/test", "bench/run"] {
+    for must in ["scripts/demo", "scripts/demo-rollout", "scripts/test", "bench/run"] {
         assert!(commands.iter().any(|c| c == must), "README names {must}: {commands:?}");
     }
     for c in &commands {
