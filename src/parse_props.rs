@@ -75,8 +75,8 @@ proptest! {
             shared: vec![],
             probe: ProbeArgs {
                 http: Some(http),
-                tcp: None,
                 options: ProbeOptions { timeout: Some(timeout), expect_status: Some(status), ..Default::default() },
+                ..Default::default()
             },
             timing: TimingArgs { interval: Some(interval), ttl: Some(ttl), rise: Some(rise), ..Default::default() },
             etcd: EtcdArgs { endpoints: Some(endpoints), ..Default::default() },
