@@ -3,6 +3,7 @@
 
 mod bounds;
 mod cli;
+mod exec_probe;
 mod faults;
 mod guarantees;
 mod haproxy;
