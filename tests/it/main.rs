@@ -5,6 +5,7 @@ mod bounds;
 mod cli;
 mod exec_probe;
 mod faults;
+mod grpc_probe;
 mod guarantees;
 mod haproxy;
 mod harness;
