@@ -11,6 +11,7 @@ mod haproxy;
 mod harness;
 mod netns;
 mod oneshot;
+mod recipes;
 mod repo;
 mod run;
 mod security;
