@@ -24,7 +24,7 @@ fn read(path: &str) -> String {
 
 /// The documented command: from the `sh` block of `readme` holding
 /// `sidekick run`, its first line (the variables, `IP=... PORT=...`) and
-/// the command with its continuation lines.
+/// the command with its continuation lines, which README.md must show too.
 fn documented(readme: &str) -> (Vec<String>, String) {
     let text = read(readme);
     let block = text
@@ -50,6 +50,12 @@ fn documented(readme: &str) -> (Vec<String>, String) {
     for v in &vars {
         assert!(command.contains(&format!("${v}")), "{readme}: ${v} is set but not used");
     }
+    // The project's README shows the same line; the test runs both.
+    let top = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    assert!(
+        top.contains(&command),
+        "README.md shows another line than {readme}:\n{command}"
+    );
     (vars, command)
 }
 
