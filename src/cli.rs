@@ -236,11 +236,25 @@ pub struct DiscoverArgs {
 #[command(next_help_heading = "Probe")]
 pub struct ProbeArgs {
     /// Probe with an HTTP(S) request to URL.
-    #[arg(long, value_name = "URL", env = "SIDEKICK_HTTP", conflicts_with = "tcp")]
+    #[arg(long, value_name = "URL", env = "SIDEKICK_HTTP")]
     pub http: Option<String>,
     /// Probe by opening a TCP connection to HOST:PORT.
     #[arg(long, value_name = "HOST:PORT", env = "SIDEKICK_TCP")]
     pub tcp: Option<String>,
+    /// Probe by running CMD with /bin/sh -c: healthy when it exits 0 within
+    /// --timeout; the first line of its output is shown.
+    #[arg(long, value_name = "CMD", env = "SIDEKICK_EXEC")]
+    pub exec: Option<String>,
+    /// Probe with the gRPC health checking protocol at HOST:PORT: healthy
+    /// when grpc.health.v1.Health/Check answers SERVING.
+    #[arg(long, value_name = "HOST:PORT", env = "SIDEKICK_GRPC")]
+    pub grpc: Option<String>,
+    /// The service name --grpc asks about [default: empty, the whole server].
+    #[arg(long, value_name = "NAME", env = "SIDEKICK_GRPC_SERVICE")]
+    pub grpc_service: Option<String>,
+    /// Connect --grpc over TLS, verified against the system's roots unless --insecure.
+    #[arg(long, env = "SIDEKICK_GRPC_TLS")]
+    pub grpc_tls: bool,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub options: ProbeOptions,
@@ -280,7 +294,7 @@ pub struct ProbeOptions {
     /// HTTP method [default: GET].
     #[arg(long, value_name = "M", env = "SIDEKICK_METHOD")]
     pub method: Option<String>,
-    /// Skip TLS certificate verification for https:// probes.
+    /// Skip TLS certificate verification for https:// and --grpc-tls probes.
     #[arg(long, env = "SIDEKICK_INSECURE")]
     pub insecure: bool,
     /// Time limit of one probe; must be smaller than --interval [default: 2s].

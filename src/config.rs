@@ -45,9 +45,12 @@ pub fn etcd_call_bound(ttl: Duration, dial_timeout: Duration) -> Duration {
     dial_timeout.min(third)
 }
 
+/// The probe flags of `run` and `check`, as messages name them.
+const PROBE_FLAGS: &str = "--http URL, --tcp HOST:PORT, --exec CMD or --grpc HOST:PORT";
+
 /// The probe of `sidekick check`, which needs one.
 pub fn check_probe(args: &CheckArgs) -> Result<ProbeSpec, UsageError> {
-    probe_spec(&args.probe)?.ok_or_else(|| usage("check needs --http URL or --tcp HOST:PORT"))
+    probe_spec(&args.probe)?.ok_or_else(|| usage(format!("check needs a probe: {PROBE_FLAGS}")))
 }
 
 /// The etcd settings of `sidekick withdraw`, after its own checks.
@@ -96,6 +99,28 @@ pub enum ProbeTarget {
         /// Port.
         port: u16,
     },
+    /// `/bin/sh -c COMMAND`.
+    Exec {
+        /// The command line, as given.
+        command: String,
+    },
+    /// A gRPC health check.
+    Grpc(GrpcSpec),
+}
+
+/// Options of a gRPC health probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcSpec {
+    /// Host name or address (an IPv6 address without brackets).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// The service asked about; empty for the whole server.
+    pub service: String,
+    /// TLS rather than plaintext HTTP/2.
+    pub tls: bool,
+    /// Skip TLS verification.
+    pub insecure: bool,
 }
 
 /// Options of an HTTP probe.
@@ -208,10 +233,90 @@ impl ProbeOptions {
     }
 }
 
-/// Builds the probe of `run` and `check`, or `None` when no `--http`/`--tcp`
-/// was given.
+/// Builds the probe of `run` and `check`, or `None` when no probe flag was
+/// given.
 pub fn probe_spec(args: &ProbeArgs) -> Result<Option<ProbeSpec>, UsageError> {
-    target_spec([("--http", &args.http), ("--tcp", &args.tcp)], &args.options)
+    let given: Vec<&str> = [
+        ("--http", args.http.is_some()),
+        ("--tcp", args.tcp.is_some()),
+        ("--exec", args.exec.is_some()),
+        ("--grpc", args.grpc.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(flag, set)| set.then_some(flag))
+    .collect();
+    if let [first @ .., last] = given.as_slice() {
+        if !first.is_empty() {
+            return Err(usage(format!(
+                "{} and {last} cannot be used together: give one probe",
+                first.join(", ")
+            )));
+        }
+    }
+    if args.grpc.is_none() {
+        let grpc_only = [
+            ("--grpc-service", args.grpc_service.is_some()),
+            ("--grpc-tls", args.grpc_tls),
+        ];
+        if let Some((flag, _)) = grpc_only.into_iter().find(|(_, set)| *set) {
+            return Err(usage(format!("{flag} needs --grpc HOST:PORT")));
+        }
+    }
+    let opts = &args.options;
+    let target = match (&args.exec, &args.grpc) {
+        (Some(command), _) => {
+            if let Some(flag) = opts.http_only_option() {
+                return Err(usage(format!("{flag} applies to --http probes only, not --exec")));
+            }
+            if command.trim().is_empty() {
+                return Err(usage("--exec: the command must not be empty"));
+            }
+            ProbeTarget::Exec {
+                command: command.clone(),
+            }
+        }
+        (None, Some(addr)) => {
+            match opts.http_only_option() {
+                // The last one it names, so no HTTP-only option is set.
+                Some("--insecure") if !args.grpc_tls => {
+                    return Err(usage(
+                        "--insecure needs --grpc-tls with --grpc: it skips TLS verification",
+                    ))
+                }
+                Some("--insecure") | None => {}
+                Some(flag) => return Err(usage(format!("{flag} applies to --http probes only, not --grpc"))),
+            }
+            let (host, port) = parse_host_port("--grpc", addr)?;
+            ProbeTarget::Grpc(GrpcSpec {
+                host,
+                port,
+                service: args.grpc_service.clone().unwrap_or_default(),
+                tls: args.grpc_tls,
+                insecure: opts.insecure,
+            })
+        }
+        (None, None) => {
+            if args.http.is_none() && args.tcp.is_none() {
+                if let Some(flag) = opts.http_only_option().or(opts.timeout.as_ref().map(|_| "--timeout")) {
+                    return Err(usage(format!("{flag} needs a probe: add {PROBE_FLAGS}")));
+                }
+            }
+            return target_spec([("--http", &args.http), ("--tcp", &args.tcp)], opts);
+        }
+    };
+    Ok(Some(ProbeSpec {
+        target,
+        timeout: probe_timeout(opts)?,
+    }))
+}
+
+/// `--timeout`, more than zero.
+fn probe_timeout(opts: &ProbeOptions) -> Result<Duration, UsageError> {
+    let timeout = duration("--timeout", &opts.timeout, Duration::from_secs(2))?;
+    if timeout.is_zero() {
+        return Err(usage("--timeout must be more than 0s"));
+    }
+    Ok(timeout)
 }
 
 /// Builds a probe from an HTTP URL flag and a TCP address flag, named as the
@@ -220,10 +325,7 @@ fn target_spec(
     [(http_flag, http), (tcp_flag, tcp)]: [(&str, &Option<String>); 2],
     opts: &ProbeOptions,
 ) -> Result<Option<ProbeSpec>, UsageError> {
-    let timeout = duration("--timeout", &opts.timeout, Duration::from_secs(2))?;
-    if timeout.is_zero() {
-        return Err(usage("--timeout must be more than 0s"));
-    }
+    let timeout = probe_timeout(opts)?;
     let target = match (http, tcp) {
         (Some(_), Some(_)) => return Err(usage(format!("{http_flag} and {tcp_flag} cannot be used together"))),
         (Some(url), None) => {
@@ -311,9 +413,7 @@ pub fn timing(args: &TimingArgs, probe: Option<&ProbeSpec>) -> Result<Timing, Us
             ("--grace", args.grace.is_some()),
         ] {
             if set {
-                return Err(usage(format!(
-                    "{flag} needs a probe: add --http URL or --tcp HOST:PORT"
-                )));
+                return Err(usage(format!("{flag} needs a probe: add {PROBE_FLAGS}")));
             }
         }
     }
@@ -680,6 +780,86 @@ mod tests {
                 }),
             ),
             (
+                "--http, --tcp and --exec cannot be used together: give one probe",
+                Box::new(|a| {
+                    a.probe.http = s("http://x/");
+                    a.probe.tcp = s("127.0.0.1:80");
+                    a.probe.exec = s("true")
+                }),
+            ),
+            (
+                "--exec and --grpc cannot be used together",
+                Box::new(|a| {
+                    a.probe.exec = s("true");
+                    a.probe.grpc = s("127.0.0.1:50051")
+                }),
+            ),
+            (
+                "--grpc-service needs --grpc HOST:PORT",
+                Box::new(|a| {
+                    a.probe.http = s("http://x/");
+                    a.probe.grpc_service = s("web")
+                }),
+            ),
+            (
+                "--grpc-tls needs --grpc HOST:PORT",
+                Box::new(|a| a.probe.grpc_tls = true),
+            ),
+            (
+                "--expect-body applies to --http probes only, not --exec",
+                Box::new(|a| {
+                    a.probe.exec = s("true");
+                    a.probe.options.expect_body = s("ok")
+                }),
+            ),
+            (
+                "--insecure applies to --http probes only, not --exec",
+                Box::new(|a| {
+                    a.probe.exec = s("true");
+                    a.probe.options.insecure = true
+                }),
+            ),
+            (
+                "--method applies to --http probes only, not --grpc",
+                Box::new(|a| {
+                    a.probe.grpc = s("127.0.0.1:50051");
+                    a.probe.options.method = s("POST")
+                }),
+            ),
+            (
+                "--insecure needs --grpc-tls with --grpc",
+                Box::new(|a| {
+                    a.probe.grpc = s("127.0.0.1:50051");
+                    a.probe.options.insecure = true
+                }),
+            ),
+            (
+                "--exec: the command must not be empty",
+                Box::new(|a| a.probe.exec = s("  ")),
+            ),
+            (
+                "--grpc: '127.0.0.1' must be HOST:PORT",
+                Box::new(|a| a.probe.grpc = s("127.0.0.1")),
+            ),
+            (
+                "--timeout 5s must be smaller than --interval 5s",
+                Box::new(|a| {
+                    a.probe.exec = s("true");
+                    a.probe.options.timeout = s("5s")
+                }),
+            ),
+            (
+                "--timeout must be more than 0s",
+                Box::new(|a| {
+                    a.probe.grpc = s("h:1");
+                    a.probe.options.timeout = s("0s")
+                }),
+            ),
+            (
+                "--timeout needs a probe: add --http URL, --tcp HOST:PORT, --exec CMD or --grpc HOST:PORT",
+                Box::new(|a| a.probe.options.timeout = s("1s")),
+            ),
+            (
                 "--http: 'localhost:8080/health' must be an http:// or https:// URL",
                 Box::new(|a| a.probe.http = s("localhost:8080/health")),
             ),
@@ -795,6 +975,48 @@ mod tests {
             a.etcd.password = s("secret");
         });
         assert_eq!(c.keys[2], ("/x".into(), "a=b".into()));
+        let e = ok(&|a| {
+            a.probe.exec = s("pg_isready -q");
+            a.probe.options.timeout = s("1s");
+        });
+        let p = e.probe.unwrap();
+        assert_eq!(p.timeout, Duration::from_secs(1));
+        assert_eq!(
+            p.target,
+            ProbeTarget::Exec {
+                command: "pg_isready -q".into()
+            }
+        );
+        let grpc = |f: &dyn Fn(&mut RunArgs)| {
+            ok(&|a| {
+                a.probe.grpc = s("[::1]:50051");
+                f(a)
+            })
+            .probe
+            .unwrap()
+            .target
+        };
+        let plain = GrpcSpec {
+            host: "::1".into(),
+            port: 50051,
+            service: String::new(),
+            tls: false,
+            insecure: false,
+        };
+        assert_eq!(grpc(&|_| {}), ProbeTarget::Grpc(plain.clone()));
+        assert_eq!(
+            grpc(&|a| {
+                a.probe.grpc_service = s("web.Api");
+                a.probe.grpc_tls = true;
+                a.probe.options.insecure = true;
+            }),
+            ProbeTarget::Grpc(GrpcSpec {
+                service: "web.Api".into(),
+                tls: true,
+                insecure: true,
+                ..plain
+            })
+        );
         assert_eq!(c.etcd.auth, Some(("bob".into(), "secret".into())));
         assert_eq!(
             c.probe.unwrap().target,
@@ -878,7 +1100,7 @@ mod tests {
         };
         assert_eq!(
             check_probe(&check).unwrap_err().0,
-            "check needs --http URL or --tcp HOST:PORT"
+            "check needs a probe: --http URL, --tcp HOST:PORT, --exec CMD or --grpc HOST:PORT"
         );
         let check = CheckArgs {
             probe: ProbeArgs {

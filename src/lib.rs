@@ -7,8 +7,9 @@
 //!   validated settings and owns every cross-flag rule.
 //! - [`discover`] finds etcd: flags, environment, the env file, the default
 //!   gateway, then loopback.
-//! - [`probe`] checks the instance over HTTP or TCP; [`health`] turns probe
-//!   outcomes into up/down with rise/fall hysteresis.
+//! - [`probe`] checks the instance (HTTP, TCP, a command, gRPC health);
+//!   [`health`] turns probe outcomes into up/down with rise/fall
+//!   hysteresis.
 //! - [`registry`] talks to etcd (leases, guarded puts, revoke); an in-memory
 //!   fake stands in for it in unit tests.
 //! - [`sidekick`] ties probe → health → registry together and owns the

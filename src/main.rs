@@ -157,7 +157,10 @@ fn run(args: RunArgs) -> Result<ExitCode, Failure> {
             endpoints = %endpoints,
             rule = %d.rule,
             "probing {}",
-            args.probe.http.as_deref().or(args.probe.tcp.as_deref()).unwrap_or_default()
+            [&args.probe.http, &args.probe.tcp, &args.probe.exec, &args.probe.grpc]
+                .into_iter()
+                .find_map(|f| f.as_deref())
+                .unwrap_or_default()
         ),
     }
     let plan = Plan {

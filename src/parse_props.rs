@@ -174,6 +174,10 @@ impl RunFlags {
             probe: ProbeArgs {
                 http: Some(self.http.clone()),
                 tcp: None,
+                exec: None,
+                grpc: None,
+                grpc_service: None,
+                grpc_tls: false,
                 options: ProbeOptions {
                     timeout: Some(self.timeout.clone()),
                     expect_status: Some(self.status.clone()),

@@ -25,6 +25,11 @@ struct RawService {
     shared: BTreeMap<String, String>,
     http: Option<String>,
     tcp: Option<String>,
+    exec: Option<String>,
+    grpc: Option<String>,
+    grpc_service: Option<String>,
+    #[serde(default)]
+    grpc_tls: bool,
     interval: Option<String>,
     timeout: Option<String>,
     rise: Option<u32>,
@@ -177,6 +182,10 @@ fn service(file: &Path, name: String, r: RawService, ttl: Duration) -> Result<Se
     let probe_args = ProbeArgs {
         http: r.http.clone(),
         tcp: r.tcp.clone(),
+        exec: r.exec.clone(),
+        grpc: r.grpc.clone(),
+        grpc_service: r.grpc_service.clone(),
+        grpc_tls: r.grpc_tls,
         options: ProbeOptions {
             expect_status: r.expect_status.clone(),
             expect_body: r.expect_body.clone(),
@@ -317,6 +326,14 @@ mod tests {
             assert!(got.contains(want), "want {want:?} in {got:?}");
             assert_eq!(got.lines().count(), 1, "{got}");
         }
+        let got =
+            one("[services.web]\nkey = \"/k\"\nvalue = \"v\"\ntcp = \"127.0.0.1:1\"\nexec = \"true\"\n").unwrap_err();
+        assert!(
+            got.contains("service web:") && got.contains("tcp") && got.contains("exec"),
+            "{got}"
+        );
+        let got = one("[services.web]\nkey = \"/k\"\nvalue = \"v\"\ngrpc_tls = true\n").unwrap_err();
+        assert!(got.contains("service web: grpc_tls"), "{got}");
         let got = one("[services.web]\nkey = \"/k\"\nvalue = \"v\"\ntcp = \"nope\"\n").unwrap_err();
         assert!(got.contains("service web: tcp: 'nope' must be HOST:PORT"), "{got}");
         let got = one("[services.web]\nvalue = \"v\"\n").unwrap_err();

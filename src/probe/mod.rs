@@ -1,13 +1,18 @@
 //! Probes: one check of the instance, bounded by a timeout, and its outcome.
 
+mod exec;
+mod grpc;
 mod http;
 mod tcp;
+mod tls;
 
 use std::fmt;
 use std::time::{Duration, Instant};
 
 use crate::config::{ProbeSpec, ProbeTarget};
 
+pub use exec::ExecProbe;
+pub use grpc::GrpcProbe;
 pub use http::HttpProbe;
 pub use tcp::TcpProbe;
 
@@ -18,7 +23,8 @@ pub struct Outcome {
     pub ok: bool,
     /// How long the probe took.
     pub latency: Duration,
-    /// What was seen: `HTTP 200`, `connected`, or why it failed.
+    /// What was seen: `HTTP 200`, `connected`, `exit 0: ready`, `SERVING`,
+    /// or why it failed.
     pub detail: String,
 }
 
@@ -41,6 +47,10 @@ pub enum Probe {
     Http(HttpProbe),
     /// TCP connect.
     Tcp(TcpProbe),
+    /// A shell command.
+    Exec(ExecProbe),
+    /// gRPC health checking.
+    Grpc(GrpcProbe),
 }
 
 impl Probe {
@@ -49,6 +59,8 @@ impl Probe {
         Ok(match &spec.target {
             ProbeTarget::Http(h) => Probe::Http(HttpProbe::new(h, spec.timeout)?),
             ProbeTarget::Tcp { host, port } => Probe::Tcp(TcpProbe::new(host, *port, spec.timeout)),
+            ProbeTarget::Exec { command } => Probe::Exec(ExecProbe::new(command, spec.timeout)),
+            ProbeTarget::Grpc(g) => Probe::Grpc(GrpcProbe::new(g, spec.timeout)?),
         })
     }
 
@@ -58,6 +70,11 @@ impl Probe {
         let (timeout, result) = match self {
             Probe::Http(p) => (p.timeout, tokio::time::timeout(p.timeout, p.check()).await),
             Probe::Tcp(p) => (p.timeout, tokio::time::timeout(p.timeout, p.check()).await),
+            // These two bound themselves: an exec probe must kill and reap
+            // its process group at the timeout, and a gRPC probe says at
+            // which step it ran out of time.
+            Probe::Exec(p) => (p.timeout, Ok(p.check().await)),
+            Probe::Grpc(p) => (p.timeout, Ok(p.check().await)),
         };
         let (ok, detail) = match result {
             Ok(Ok(detail)) => (true, detail),

@@ -37,6 +37,17 @@ async fn bad_flags_exit_2_with_one_line_and_write_nothing() {
         (base(&["--http", &url, "--header", "broken"]), "--header"),
         (base(&["--tcp", "127.0.0.1:1", "--expect-body", "ok"]), "--expect-body"),
         (base(&["--interval", "1s"]), "--interval"),
+        (base(&["--http", &url, "--exec", "true"]), "--http and --exec"),
+        (
+            base(&["--tcp", "127.0.0.1:1", "--exec", "true", "--grpc", "127.0.0.1:2"]),
+            "--tcp, --exec and --grpc",
+        ),
+        (base(&["--grpc-service", "web"]), "--grpc-service"),
+        (base(&["--http", &url, "--grpc-tls"]), "--grpc-tls"),
+        (base(&["--exec", "true", "--expect-status", "200"]), "--expect-status"),
+        (base(&["--grpc", "127.0.0.1:1", "--insecure"]), "--insecure"),
+        (base(&["--grpc", "nope"]), "--grpc"),
+        (base(&["--exec", ""]), "--exec"),
         (base(&["--extra", "novalue"]), "--extra"),
         (base(&["--drain", "soon"]), "--drain"),
         (base(&["--dial-timeout", "0s"]), "--dial-timeout"),
@@ -54,6 +65,16 @@ async fn bad_flags_exit_2_with_one_line_and_write_nothing() {
             "--endpoints",
         ),
         (vec!["check".into()], "--http"),
+        (
+            vec![
+                "check".into(),
+                "--exec".into(),
+                "true".into(),
+                "--grpc".into(),
+                "127.0.0.1:1".into(),
+            ],
+            "--exec and --grpc",
+        ),
         (
             vec![
                 "check".into(),

@@ -4,14 +4,17 @@
 mod agent;
 mod bounds;
 mod cli;
+mod exec_probe;
 mod explain;
 mod faults;
+mod grpc_probe;
 mod guarantees;
 mod haproxy;
 mod harness;
 mod netns;
 mod oneshot;
 mod operability;
+mod recipes;
 mod repo;
 mod rollout;
 mod run;
