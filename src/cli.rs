@@ -65,22 +65,9 @@ pub struct RunArgs {
     /// put only when absent, never overwritten, put again when deleted.
     #[arg(long = "shared", value_name = "KEY=VALUE")]
     pub shared: Vec<String>,
-    /// Serve /healthz, /status (JSON) and /metrics (Prometheus) on HOST:PORT [default: off].
-    #[arg(
-        long,
-        value_name = "HOST:PORT",
-        env = "SIDEKICK_STATUS_ADDR",
-        help_heading = "Operability"
-    )]
-    pub status_addr: Option<String>,
-    /// While PATH exists the keys are withdrawn and probing goes on (also SIGUSR1 enters, SIGUSR2 leaves).
-    #[arg(
-        long,
-        value_name = "PATH",
-        env = "SIDEKICK_MAINTENANCE_FILE",
-        help_heading = "Operability"
-    )]
-    pub maintenance_file: Option<String>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub ops: OperabilityArgs,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub probe: ProbeArgs,
@@ -101,25 +88,24 @@ pub struct AgentArgs {
     /// TTL of the process's lease [default: 15s].
     #[arg(long, value_name = "D", env = "SIDEKICK_TTL")]
     pub ttl: Option<String>,
-    /// Serve /healthz, /status (JSON) and /metrics (Prometheus) on HOST:PORT [default: off].
-    #[arg(
-        long,
-        value_name = "HOST:PORT",
-        env = "SIDEKICK_STATUS_ADDR",
-        help_heading = "Operability"
-    )]
-    pub status_addr: Option<String>,
-    /// While PATH exists every service is withdrawn and probing goes on (also SIGUSR1/SIGUSR2).
-    #[arg(
-        long,
-        value_name = "PATH",
-        env = "SIDEKICK_MAINTENANCE_FILE",
-        help_heading = "Operability"
-    )]
-    pub maintenance_file: Option<String>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub ops: OperabilityArgs,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub etcd: EtcdArgs,
+}
+
+/// What operators see and switch: `run` and `agent`.
+#[derive(Debug, Args, Default, Clone)]
+#[command(next_help_heading = "Operability")]
+pub struct OperabilityArgs {
+    /// Serve /healthz, /status (JSON) and /metrics (Prometheus) on HOST:PORT [default: off].
+    #[arg(long, value_name = "HOST:PORT", env = "SIDEKICK_STATUS_ADDR")]
+    pub status_addr: Option<String>,
+    /// While PATH exists the keys are withdrawn and probing goes on (also SIGUSR1 enters, SIGUSR2 leaves).
+    #[arg(long, value_name = "PATH", env = "SIDEKICK_MAINTENANCE_FILE")]
+    pub maintenance_file: Option<String>,
 }
 
 /// `sidekick check`.

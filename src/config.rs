@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use crate::cli::{AnnounceArgs, CheckArgs, EtcdArgs, ProbeArgs, ProbeOptions, RunArgs, TimingArgs, WithdrawArgs};
+use crate::cli::{
+    AnnounceArgs, CheckArgs, EtcdArgs, OperabilityArgs, ProbeArgs, ProbeOptions, RunArgs, TimingArgs, WithdrawArgs,
+};
 use crate::discover::{self, Discovery, Environment};
 use crate::parse::{count, duration, usage};
 pub use crate::parse::{parse_extra, parse_header, parse_host_port, parse_key_value, parse_url, UsageError};
@@ -18,10 +20,8 @@ pub struct RunConfig {
     pub keys: Vec<(String, String)>,
     /// The `--shared` keys, put only where absent.
     pub shared: Vec<(String, String)>,
-    /// `--status-addr`: where to serve /healthz, /status and /metrics.
-    pub status_addr: Option<(String, u16)>,
-    /// `--maintenance-file`.
-    pub maintenance_file: Option<std::path::PathBuf>,
+    /// `--status-addr` and `--maintenance-file`.
+    pub ops: Operability,
     /// How the instance is probed; `None` announces unconditionally.
     pub probe: Option<ProbeSpec>,
     /// Probe and lease timing.
@@ -47,6 +47,32 @@ pub fn etcd_call_bound(ttl: Duration, dial_timeout: Duration) -> Duration {
 
 /// The probe flags of `run` and `check`, as messages name them.
 const PROBE_FLAGS: &str = "--http URL, --tcp HOST:PORT, --exec CMD or --grpc HOST:PORT";
+
+/// `--status-addr` and `--maintenance-file`, checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Operability {
+    /// Where to serve /healthz, /status and /metrics.
+    pub status_addr: Option<(String, u16)>,
+    /// While this file exists, the keys are withdrawn.
+    pub maintenance_file: Option<std::path::PathBuf>,
+}
+
+/// Checks `run`'s and `agent`'s operability flags.
+pub fn operability(args: &OperabilityArgs) -> Result<Operability, UsageError> {
+    let status_addr = args
+        .status_addr
+        .as_deref()
+        .map(|a| parse_host_port("--status-addr", a))
+        .transpose()?;
+    let maintenance_file = match args.maintenance_file.as_deref() {
+        Some("") => return Err(usage("--maintenance-file: the path must not be empty")),
+        other => other.map(std::path::PathBuf::from),
+    };
+    Ok(Operability {
+        status_addr,
+        maintenance_file,
+    })
+}
 
 /// The probe of `sidekick check`, which needs one.
 pub fn check_probe(args: &CheckArgs) -> Result<ProbeSpec, UsageError> {
@@ -583,23 +609,14 @@ fn shared_values(keys: &[(String, String)], shared: &[String]) -> Result<Vec<(St
 pub fn run_config(args: &RunArgs, env: &dyn Environment) -> Result<RunConfig, UsageError> {
     let keys = key_values(&args.key, &args.value, &args.extra)?;
     let shared = shared_values(&keys, &args.shared)?;
-    let status_addr = args
-        .status_addr
-        .as_deref()
-        .map(|a| parse_host_port("--status-addr", a))
-        .transpose()?;
-    let maintenance_file = match args.maintenance_file.as_deref() {
-        Some("") => return Err(usage("--maintenance-file: the path must not be empty")),
-        other => other.map(std::path::PathBuf::from),
-    };
+    let ops = operability(&args.ops)?;
     let probe = probe_spec(&args.probe)?;
     let timing = timing(&args.timing, probe.as_ref())?;
     let etcd = etcd_settings(&args.etcd, env)?;
     Ok(RunConfig {
         keys,
         shared,
-        status_addr,
-        maintenance_file,
+        ops,
         probe,
         timing,
         etcd,
@@ -621,8 +638,7 @@ mod tests {
             value: "10.0.0.5:8080".into(),
             extra: vec![],
             shared: vec![],
-            status_addr: None,
-            maintenance_file: None,
+            ops: Default::default(),
             probe: ProbeArgs::default(),
             timing: TimingArgs::default(),
             etcd: EtcdArgs {

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
 
 use crate::config::RunConfig;
 use crate::health::State;
@@ -61,21 +60,15 @@ impl Hooks {
         maintenance_switch: Option<watch::Receiver<bool>>,
         shutdown: CancellationToken,
     ) -> std::io::Result<Hooks> {
-        let board = match &cfg.status_addr {
+        let board = match &cfg.ops.status_addr {
             None => None,
-            Some((host, port)) => {
-                let listener = tokio::net::TcpListener::bind((host.as_str(), *port)).await?;
+            Some(addr) => {
                 let timeout = cfg.probe.as_ref().map_or(Duration::ZERO, |p| p.timeout);
                 let stall = 2 * cfg.timing.interval + timeout + Duration::from_secs(1);
                 let keys = cfg.keys.iter().map(|(k, _)| k.clone()).collect();
                 let endpoint = cfg.etcd.discovery.endpoints.first().cloned().unwrap_or_default();
                 let board = Arc::new(Board::new(&cfg.keys[0].0, keys, &endpoint, stall));
-                info!(addr = %listener.local_addr()?, "serving /healthz, /status and /metrics");
-                tokio::spawn(crate::status::serve(
-                    listener,
-                    crate::status::View::One(board.clone()),
-                    shutdown,
-                ));
+                crate::status::bind_and_serve(addr, crate::status::View::One(board.clone()), shutdown).await?;
                 Some(board)
             }
         };
@@ -84,7 +77,7 @@ impl Hooks {
             board,
             watchdog: notifier.as_ref().and_then(|_| Systemd::watchdog_period()),
             notifier: notifier.map(|n| Box::new(n) as Box<dyn Notifier>),
-            maintenance_file: cfg.maintenance_file.clone(),
+            maintenance_file: cfg.ops.maintenance_file.clone(),
             maintenance_switch,
             phase: Duration::ZERO,
             probe_permits: None,

@@ -169,8 +169,7 @@ impl RunFlags {
             value: "v".into(),
             extra: vec![],
             shared: vec![],
-            status_addr: None,
-            maintenance_file: None,
+            ops: Default::default(),
             probe: ProbeArgs {
                 http: Some(self.http.clone()),
                 tcp: None,

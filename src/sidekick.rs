@@ -459,7 +459,7 @@ async fn apply<R: Registry>(
 }
 
 /// Sleeps until the action is due; never returns when there is none.
-async fn wait_for(next: Option<(Action, Instant)>) -> Action {
+pub(crate) async fn wait_for<A>(next: Option<(A, Instant)>) -> A {
     match next {
         Some((action, at)) => {
             sleep_until(at).await;

@@ -328,6 +328,15 @@ fn escape_label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// Binds `addr` (an error here is the caller's to report before anything
+/// is written) and serves `view` on it until `shutdown`.
+pub async fn bind_and_serve(addr: &(String, u16), view: View, shutdown: CancellationToken) -> std::io::Result<()> {
+    let listener = TcpListener::bind((addr.0.as_str(), addr.1)).await?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /healthz, /status and /metrics");
+    tokio::spawn(serve(listener, view, shutdown));
+    Ok(())
+}
+
 /// Serves the board on `listener` until `shutdown`: one small HTTP/1.1
 /// server on hyper (already in the tree), no framework.
 pub async fn serve(listener: TcpListener, view: View, shutdown: CancellationToken) {

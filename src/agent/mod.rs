@@ -43,7 +43,7 @@ use crate::hooks::Hooks;
 use crate::notify::{Notice, Notifier};
 use crate::probe::Probe;
 use crate::registry::{LeaseId, Registry, RegistryError};
-use crate::sidekick::{probe_loop, Backoff, Publish, Trouble};
+use crate::sidekick::{probe_loop, wait_for, Backoff, Publish, Trouble};
 use crate::status::Board;
 
 /// Probes in flight at once across all services.
@@ -69,18 +69,15 @@ pub struct AgentConfig {
     pub services: Vec<Service>,
     /// Where etcd is and how to reach it.
     pub etcd: crate::config::EtcdSettings,
-    /// `--status-addr`.
-    pub status_addr: Option<(String, u16)>,
-    /// `--maintenance-file`.
-    pub maintenance_file: Option<PathBuf>,
+    /// `--status-addr` and `--maintenance-file`.
+    pub ops: crate::config::Operability,
 }
 
 impl AgentConfig {
     /// The bound on each etcd call: the dial timeout, at most a third of
     /// the TTL (as `run`).
     pub fn call_bound(&self) -> Duration {
-        let third = Duration::from_millis((self.settings.ttl / 3).as_millis() as u64);
-        self.etcd.dial_timeout.min(third)
+        crate::config::etcd_call_bound(self.settings.ttl, self.etcd.dial_timeout)
     }
 }
 
@@ -90,18 +87,10 @@ pub fn agent_config(
     args: &crate::cli::AgentArgs,
     env: &dyn crate::discover::Environment,
 ) -> Result<AgentConfig, crate::parse::UsageError> {
-    use crate::parse::{parse_host_port, UsageError};
+    use crate::parse::UsageError;
     let ttl = crate::config::lease_ttl(&args.ttl, Duration::from_secs(15))?;
     let etcd = crate::config::etcd_settings(&args.etcd, env)?;
-    let status_addr = args
-        .status_addr
-        .as_deref()
-        .map(|a| parse_host_port("--status-addr", a))
-        .transpose()?;
-    let maintenance_file = match args.maintenance_file.as_deref() {
-        Some("") => return Err(UsageError::new("--maintenance-file: the path must not be empty")),
-        other => other.map(PathBuf::from),
-    };
+    let ops = crate::config::operability(&args.ops)?;
     let path = PathBuf::from(&args.config);
     let services = config::load(&path, ttl).map_err(|e| UsageError::new(e.0))?;
     Ok(AgentConfig {
@@ -112,8 +101,7 @@ pub fn agent_config(
         },
         services,
         etcd,
-        status_addr,
-        maintenance_file,
+        ops,
     })
 }
 
@@ -143,14 +131,11 @@ impl AgentHooks {
         maintenance_switch: Option<watch::Receiver<bool>>,
         shutdown: CancellationToken,
     ) -> std::io::Result<AgentHooks> {
-        let boards = match &cfg.status_addr {
+        let boards = match &cfg.ops.status_addr {
             None => None,
-            Some((host, port)) => {
-                let listener = tokio::net::TcpListener::bind((host.as_str(), *port)).await?;
+            Some(addr) => {
                 let boards = Arc::new(Mutex::new(Vec::new()));
-                info!(addr = %listener.local_addr()?, "serving /healthz, /status and /metrics");
-                let view = crate::status::View::Many(boards.clone());
-                tokio::spawn(crate::status::serve(listener, view, shutdown));
+                crate::status::bind_and_serve(addr, crate::status::View::Many(boards.clone()), shutdown).await?;
                 Some(boards)
             }
         };
@@ -162,7 +147,7 @@ impl AgentHooks {
                 .as_ref()
                 .and_then(|_| crate::notify::Systemd::watchdog_period()),
             notifier: notifier.map(|n| Box::new(n) as Box<dyn Notifier>),
-            maintenance_file: cfg.maintenance_file.clone(),
+            maintenance_file: cfg.ops.maintenance_file.clone(),
             maintenance_switch,
         })
     }
@@ -664,16 +649,6 @@ impl<R: Registry> Agent<'_, R> {
             }
         }
         Ok(())
-    }
-}
-
-async fn wait_for(next: Option<(Action, Instant)>) -> Action {
-    match next {
-        Some((action, at)) => {
-            sleep_until(at).await;
-            action
-        }
-        None => std::future::pending().await,
     }
 }
 
