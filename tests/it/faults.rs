@@ -299,7 +299,7 @@ fn answer(mut conn: TcpStream, mode: Mode, n: u64, addr: SocketAddr, sent_max: &
     let resp = match mode {
         Mode::Ok => ok,
         Mode::Fail => fail,
-        Mode::Flap if n % 2 == 0 => ok,
+        Mode::Flap if n.is_multiple_of(2) => ok,
         Mode::Flap => fail,
         Mode::Slow => {
             std::thread::sleep(Duration::from_millis(500));
