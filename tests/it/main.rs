@@ -8,6 +8,7 @@ mod haproxy;
 mod harness;
 mod netns;
 mod oneshot;
+mod probe_http;
 mod repo;
 mod run;
 mod security;
