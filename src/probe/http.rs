@@ -132,13 +132,16 @@ impl HttpProbe {
     /// task spawned per probe) until the verdict is in; returning drops the
     /// connection, unread body and all.
     async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(&self, stream: S) -> Result<String, String> {
-        let (mut sender, conn) = self
+        let (mut sender, mut conn) = self
             .request
             .conn
             .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
             .await
             .map_err(|e| format!("HTTP/1.1 set-up failed: {}", chain(&e)))?;
-        let mut conn = pin!(conn);
+        // Without hyper's shutdown(2) once the answer is in: dropping the
+        // connection closes the socket, which sends the same FIN, and the
+        // syscall saved counts on every probe.
+        let mut conn = pin!(std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)));
         let mut verdict = pin!(self.judge(&mut sender));
         let mut conn_ended = false;
         loop {
