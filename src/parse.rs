@@ -123,14 +123,16 @@ pub fn parse_url(flag: &str, raw: &str) -> Result<(bool, String, u16, String, St
     if port == 0 {
         return Err(bad());
     }
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let path = if path.is_empty() { "/" } else { path };
+    // A URL without a path (`http://h:8080?ready`) asks for `/`, keeping its
+    // query: the request target must start with `/`.
+    let path = uri.path_and_query().map_or("", |p| p.as_str());
+    let slash = if path.starts_with('/') { "" } else { "/" };
     Ok((
         https,
         host.to_string(),
         port,
         authority.as_str().to_string(),
-        path.to_string(),
+        format!("{slash}{path}"),
     ))
 }
 
@@ -156,5 +158,36 @@ mod tests {
         assert_eq!(parse_extra("k=").unwrap(), ("k".into(), "".into()));
         assert!(parse_extra("=v").is_err());
         assert!(parse_extra("kv").is_err());
+    }
+
+    #[test]
+    fn urls_parse() {
+        // (URL, https, host, port, authority, path)
+        let cases = [
+            ("http://h:8080/health", false, "h", 8080, "h:8080", "/health"),
+            ("http://h:8080", false, "h", 8080, "h:8080", "/"),
+            ("http://h:8080/", false, "h", 8080, "h:8080", "/"),
+            // No path: the request target is still origin-form.
+            ("http://h:8080?ready", false, "h", 8080, "h:8080", "/?ready"),
+            ("http://h?a=1&b=2", false, "h", 80, "h", "/?a=1&b=2"),
+            ("http://h/x?y", false, "h", 80, "h", "/x?y"),
+            ("https://h", true, "h", 443, "h", "/"),
+            ("http://[::1]:81/", false, "::1", 81, "[::1]:81", "/"),
+        ];
+        for (url, https, host, port, authority, path) in cases {
+            let got = parse_url("--http", url).unwrap();
+            let want = (https, host.to_string(), port, authority.to_string(), path.to_string());
+            assert_eq!(got, want, "{url}");
+        }
+        for bad in [
+            "h:8080",
+            "http://",
+            "ftp://h/",
+            "http://u:p@h/",
+            "http://h:0/",
+            "http://h/a b",
+        ] {
+            assert!(parse_url("--http", bad).is_err(), "{bad:?} should not parse");
+        }
     }
 }

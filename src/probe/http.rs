@@ -1,18 +1,30 @@
 //! The HTTP probe: status in the expected set, and the body containing the
 //! expected text when one is given. Redirects are not followed.
 //!
-//! A small HTTP/1.1 client of our own rather than a general one: a probe
-//! sends one fixed request on a fresh connection (as a load balancer's check
-//! does) and reads at most a 16 KiB head and a 64 KiB body, so a general
-//! client's pooling, redirects and decompression would be cost without use.
-//! On a node running one sidekick per instance, every probe's CPU and every
-//! resident page count many times over.
+//! Built on hyper's connection-level HTTP/1.1 client (`client::conn::http1`),
+//! not on a pooled client such as reqwest's: every probe opens a fresh
+//! connection (TLS over it for `https://`), sends one request with
+//! `Connection: close`, and drops the connection, as a load balancer's check
+//! does. A pool would answer the next probe over a kept-alive connection and
+//! so hide a listener that died or stopped accepting, which is what a probe
+//! is there to see; and its redirects, decompression and pool timers would be
+//! cost without use beside every instance. hyper does the HTTP/1.1 parsing
+//! (interim `1xx` responses skipped, chunked and close-delimited bodies); the
+//! probe reads body frames only until `--expect-body` is found, 64 KiB, or
+//! the end.
 
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, CONNECTION, HOST, USER_AGENT};
+use http::{Method, Request, Uri};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -21,19 +33,30 @@ use crate::config::{HttpSpec, StatusSet};
 
 /// How much of the body is searched for `--expect-body`.
 const BODY_LIMIT: usize = 64 * 1024;
-/// The largest response head accepted.
-const HEAD_LIMIT: usize = 16 * 1024;
+/// Header fields accepted in a response head (SPEC: up to 100 in all).
+const MAX_HEADERS: usize = 100;
+/// hyper's read buffer never grows past this, which also bounds the
+/// response head.
+const MAX_BUF: usize = 64 * 1024;
 
-/// One HTTP(S) target with its request rendered once.
+/// One HTTP(S) target with its request built once.
 pub struct HttpProbe {
     host: String,
     port: u16,
     tls: Option<(TlsConnector, ServerName<'static>)>,
-    request: Vec<u8>,
-    head_only: bool,
+    /// Boxed, so that this probe kind's size is not every `Probe`'s.
+    request: Box<Fixed>,
     expect_status: StatusSet,
     expect_body: Option<String>,
     pub(super) timeout: Duration,
+}
+
+/// What every probe sends, and how its connection is set up.
+struct Fixed {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    conn: http1::Builder,
 }
 
 impl std::fmt::Debug for HttpProbe {
@@ -47,7 +70,7 @@ impl std::fmt::Debug for HttpProbe {
 }
 
 impl HttpProbe {
-    /// Renders the request and, for `https://`, sets up TLS once.
+    /// Builds the request and, for `https://`, sets up TLS once.
     pub fn new(spec: &HttpSpec, timeout: Duration) -> Result<Self, SetupError> {
         let tls = if spec.https {
             let name = ServerName::try_from(spec.host.clone())
@@ -56,27 +79,41 @@ impl HttpProbe {
         } else {
             None
         };
+        let uri = spec
+            .path
+            .parse()
+            .map_err(|e| SetupError(format!("'{}' is not a request target: {e}", spec.path)))?;
+        let mut conn = http1::Builder::new();
+        conn.max_headers(MAX_HEADERS)
+            .max_buf_size(MAX_BUF)
+            // As curl and load balancers write them; a few old servers care.
+            .title_case_headers(true);
         Ok(HttpProbe {
             host: spec.host.clone(),
             port: spec.port,
             tls,
-            request: render_request(spec),
-            head_only: spec.method == http::Method::HEAD,
+            request: Box::new(Fixed {
+                method: spec.method.clone(),
+                uri,
+                headers: request_headers(spec)?,
+                conn,
+            }),
             expect_status: spec.expect_status.clone(),
             expect_body: spec.expect_body.clone(),
             timeout,
         })
     }
 
-    /// Sends one request and judges the answer; the caller bounds the time.
+    /// Sends one request on a fresh connection and judges the answer; the
+    /// caller bounds the time.
     pub(super) async fn check(&self) -> Result<String, String> {
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|e| format!("could not connect to {}:{}: {e}", self.host, self.port))?;
         match &self.tls {
-            // No TCP_NODELAY here: the request goes out in one write, which
-            // Nagle's algorithm never holds back, and the option would cost
-            // a syscall on every probe.
+            // No TCP_NODELAY here: hyper writes the request head in one
+            // write, which Nagle's algorithm never holds back, and the
+            // option would cost a syscall on every probe.
             None => self.exchange(tcp).await,
             Some((connector, name)) => {
                 // A TLS handshake writes several small records in a row,
@@ -91,212 +128,144 @@ impl HttpProbe {
         }
     }
 
-    async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(&self, mut s: S) -> Result<String, String> {
-        s.write_all(&self.request)
+    /// Drives the connection and the request side by side on this task (no
+    /// task spawned per probe) until the verdict is in; returning drops the
+    /// connection, unread body and all.
+    async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(&self, stream: S) -> Result<String, String> {
+        let (mut sender, mut conn) = self
+            .request
+            .conn
+            .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
             .await
-            .map_err(|e| format!("sending the request failed: {e}"))?;
-        let mut buf = Vec::with_capacity(1024);
-        let (code, head_len, framing) = loop {
-            if read_some(&mut s, &mut buf, HEAD_LIMIT).await? == 0 {
-                return Err(format!(
-                    "connection closed after {} bytes, before a whole response head",
-                    buf.len()
-                ));
+            .map_err(|e| format!("HTTP/1.1 set-up failed: {}", chain(&e)))?;
+        // Without hyper's shutdown(2) once the answer is in: dropping the
+        // connection closes the socket, which sends the same FIN, and the
+        // syscall saved counts on every probe.
+        let mut conn = pin!(std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)));
+        let mut verdict = pin!(self.judge(&mut sender));
+        let mut conn_ended = false;
+        loop {
+            tokio::select! {
+                biased;
+                v = &mut verdict => return v,
+                // The request's side sees any error of the connection too.
+                _ = &mut conn, if !conn_ended => conn_ended = true,
             }
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut resp = httparse::Response::new(&mut headers);
-            match resp.parse(&buf) {
-                Ok(httparse::Status::Complete(len)) => {
-                    let code = resp.code.unwrap_or(0);
-                    break (code, len, Framing::of(resp.headers));
-                }
-                Ok(httparse::Status::Partial) if buf.len() >= HEAD_LIMIT => {
-                    return Err("response head is larger than 16 KiB".to_string())
-                }
-                Ok(httparse::Status::Partial) => {}
-                Err(e) => return Err(format!("malformed response: {e}")),
-            }
-        };
+        }
+    }
+
+    async fn judge(&self, sender: &mut http1::SendRequest<Empty<Bytes>>) -> Result<String, String> {
+        let mut req = Request::new(Empty::new());
+        *req.method_mut() = self.request.method.clone();
+        *req.uri_mut() = self.request.uri.clone();
+        *req.headers_mut() = self.request.headers.clone();
+        let resp = sender.send_request(req).await.map_err(|e| response_error(&e))?;
+        let code = resp.status().as_u16();
         if !self.expect_status.contains(code) {
             return Err(format!("HTTP {code} is not an expected status"));
         }
         let Some(want) = &self.expect_body else {
             return Ok(format!("HTTP {code}"));
         };
-        let framing = if self.head_only || code == 204 || code == 304 {
-            Framing::Length(0)
-        } else {
-            framing
-        };
-        let body = read_body(&mut s, buf.split_off(head_len), framing, want.as_bytes()).await?;
-        if contains(&body, want.as_bytes()) {
-            Ok(format!("HTTP {code}, body matched"))
-        } else {
-            Err(format!("HTTP {code}, body lacks {want:?} in its first 64 KiB"))
+        let want = want.as_bytes();
+        let mut body = resp.into_body();
+        let mut seen = Vec::new();
+        // Where a match not already ruled out could start.
+        let mut from = 0;
+        loop {
+            if contains(&seen[from..], want) {
+                return Ok(format!("HTTP {code}, body matched"));
+            }
+            if seen.len() >= BODY_LIMIT {
+                break;
+            }
+            from = seen.len().saturating_sub(want.len().saturating_sub(1));
+            match body.frame().await {
+                None => break,
+                Some(Err(e)) => return Err(body_error(&e, seen.len())),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        let room = BODY_LIMIT - seen.len();
+                        seen.extend_from_slice(&data[..data.len().min(room)]);
+                    }
+                }
+            }
         }
+        Err(format!(
+            "HTTP {code}, body lacks {:?} in its first 64 KiB",
+            String::from_utf8_lossy(want)
+        ))
     }
 }
 
-/// `METHOD /path HTTP/1.1` with Host, the operator's headers, and
-/// `Connection: close`.
-fn render_request(spec: &HttpSpec) -> Vec<u8> {
+/// Host (the URL's authority unless `--header Host:` overrides it), a
+/// User-Agent and Accept unless given, the operator's headers, and
+/// `Connection: close` whatever they say.
+fn request_headers(spec: &HttpSpec) -> Result<HeaderMap, SetupError> {
     let has = |name: &str| spec.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
-    let mut req = format!("{} {} HTTP/1.1\r\n", spec.method, spec.path);
+    let value = |v: &str| HeaderValue::from_str(v).map_err(|e| SetupError(format!("header value {v:?}: {e}")));
+    let mut headers = HeaderMap::new();
     if !has("host") {
-        req.push_str(&format!("Host: {}\r\n", spec.authority));
+        headers.insert(HOST, value(&spec.authority)?);
     }
     if !has("user-agent") {
-        req.push_str(concat!("User-Agent: etcd-sidekick/", env!("CARGO_PKG_VERSION"), "\r\n"));
+        let ua = concat!("etcd-sidekick/", env!("CARGO_PKG_VERSION"));
+        headers.insert(USER_AGENT, HeaderValue::from_static(ua));
     }
     if !has("accept") {
-        req.push_str("Accept: */*\r\n");
+        headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
     }
-    for (name, value) in &spec.headers {
-        if !name.eq_ignore_ascii_case("connection") {
-            req.push_str(&format!("{name}: {value}\r\n"));
+    for (name, v) in &spec.headers {
+        let name =
+            HeaderName::from_bytes(name.as_bytes()).map_err(|e| SetupError(format!("header name {name:?}: {e}")))?;
+        if name != CONNECTION {
+            headers.append(name, value(v)?);
         }
     }
-    req.push_str("Connection: close\r\n\r\n");
-    req.into_bytes()
+    headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    Ok(headers)
 }
 
-/// How the body's end is marked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    Length(u64),
-    Chunked,
-    UntilClose,
-}
-
-impl Framing {
-    fn of(headers: &[httparse::Header<'_>]) -> Framing {
-        let value = |name: &str| {
-            headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case(name))
-                .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase())
-        };
-        if value("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-            Framing::Chunked
-        } else if let Some(n) = value("content-length").and_then(|v| v.trim().parse().ok()) {
-            Framing::Length(n)
-        } else {
-            Framing::UntilClose
-        }
+/// Why no usable response head came.
+fn response_error(e: &hyper::Error) -> String {
+    if e.is_parse_too_large() {
+        format!("response head has more than {MAX_HEADERS} header fields or 64 KiB")
+    } else if e.is_parse() || e.is_parse_status() {
+        format!("malformed response: {}", chain(e))
+    } else if e.is_incomplete_message() {
+        "connection closed before a whole response head".to_string()
+    } else {
+        format!("reading the response failed: {}", chain(e))
     }
 }
 
-/// Reads once into `buf` (which never grows past `limit`); 0 means end of
-/// stream.
-async fn read_some<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>, limit: usize) -> Result<usize, String> {
-    let mut chunk = [0u8; 8192];
-    let room = limit.saturating_sub(buf.len()).clamp(1, chunk.len());
-    let n = s
-        .read(&mut chunk[..room])
-        .await
-        .map_err(|e| format!("reading the response failed: {e}"))?;
-    buf.extend_from_slice(&chunk[..n.min(limit.saturating_sub(buf.len()))]);
-    Ok(n)
-}
-
-/// Reads the body (starting with what came with the head) until its end,
-/// 64 KiB, or `want` is found.
-async fn read_body<S: AsyncRead + Unpin>(
-    s: &mut S,
-    first: Vec<u8>,
-    framing: Framing,
-    want: &[u8],
-) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    let mut chunked = Dechunk::default();
-    let mut raw = first;
-    loop {
-        match framing {
-            Framing::Chunked => chunked.feed(&raw, &mut body)?,
-            Framing::Length(n) => {
-                let room = (n as usize).min(BODY_LIMIT).saturating_sub(body.len());
-                body.extend_from_slice(&raw[..raw.len().min(room)]);
-            }
-            Framing::UntilClose => {
-                let room = BODY_LIMIT - body.len();
-                body.extend_from_slice(&raw[..raw.len().min(room)]);
-            }
+/// Why the body could not be read to the needle.
+fn body_error(e: &hyper::Error, read: usize) -> String {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof)
+        {
+            return format!("connection closed after {read} bytes of the body");
         }
-        body.truncate(BODY_LIMIT);
-        let complete = match framing {
-            Framing::Chunked => chunked.done,
-            Framing::Length(n) => body.len() as u64 >= n,
-            Framing::UntilClose => false,
-        };
-        if complete || body.len() >= BODY_LIMIT || contains(&body, want) {
-            return Ok(body);
-        }
-        raw.clear();
-        if read_some(s, &mut raw, 8192).await? == 0 {
-            return match framing {
-                Framing::UntilClose => Ok(body),
-                _ => Err(format!("connection closed after {} bytes of the body", body.len())),
-            };
-        }
+        cause = c.source();
     }
+    format!("reading the body failed after {read} bytes: {}", chain(e))
 }
 
-/// A chunked transfer-coding decoder fed with whatever arrives.
-#[derive(Debug, Default)]
-struct Dechunk {
-    /// Bytes of the current chunk still to copy.
-    left: usize,
-    /// The CRLF after a chunk's data is still to skip.
-    skip_crlf: bool,
-    /// The size line read so far.
-    line: Vec<u8>,
-    done: bool,
-}
-
-impl Dechunk {
-    fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-        while !input.is_empty() && !self.done {
-            if self.left > 0 {
-                let n = self.left.min(input.len());
-                out.extend_from_slice(&input[..n]);
-                self.left -= n;
-                input = &input[n..];
-                self.skip_crlf = self.left == 0;
-                continue;
-            }
-            if self.skip_crlf {
-                // Drop the CR and LF that end the data, as they come.
-                if matches!(input[0], b'\r' | b'\n') {
-                    if input[0] == b'\n' {
-                        self.skip_crlf = false;
-                    }
-                    input = &input[1..];
-                    continue;
-                }
-                self.skip_crlf = false;
-            }
-            match input.iter().position(|&b| b == b'\n') {
-                None => {
-                    self.line.extend_from_slice(input);
-                    input = &[];
-                }
-                Some(i) => {
-                    self.line.extend_from_slice(&input[..i]);
-                    input = &input[i + 1..];
-                    let line = String::from_utf8_lossy(&self.line).to_string();
-                    let size = line.split(';').next().unwrap_or("").trim();
-                    self.left = usize::from_str_radix(size, 16)
-                        .map_err(|_| format!("malformed chunked body: chunk size {size:?}"))?;
-                    self.line.clear();
-                    self.done = self.left == 0;
-                }
-            }
-            if self.line.len() > 1024 {
-                return Err("malformed chunked body: chunk size line too long".to_string());
-            }
+/// An error and its causes, `what: why: why`.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !out.ends_with(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
         }
-        Ok(())
+        cause = c.source();
     }
+    out
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -382,34 +351,7 @@ mod tests {
     }
 
     #[test]
-    fn chunked_bodies_decode_however_they_are_split() {
-        let wire = b"4\r\nWiki\r\n6;ext=1\r\npedia \r\nE\r\nin \r\n\r\nchunks.\r\n0\r\n\r\n";
-        for split in 1..wire.len() {
-            let mut d = Dechunk::default();
-            let mut out = Vec::new();
-            for piece in wire.chunks(split) {
-                d.feed(piece, &mut out).unwrap();
-            }
-            assert!(d.done, "split {split}");
-            assert_eq!(out, b"Wikipedia in \r\n\r\nchunks.", "split {split}");
-        }
-        let mut d = Dechunk::default();
-        assert!(d.feed(b"zz\r\n", &mut Vec::new()).is_err());
-    }
-
-    #[test]
-    fn framing_from_headers() {
-        let h = |name: &'static str, value: &'static [u8]| httparse::Header { name, value };
-        assert_eq!(Framing::of(&[h("Content-Length", b" 12 ")]), Framing::Length(12));
-        assert_eq!(
-            Framing::of(&[h("transfer-encoding", b"gzip, Chunked")]),
-            Framing::Chunked
-        );
-        assert_eq!(Framing::of(&[h("X", b"1")]), Framing::UntilClose);
-    }
-
-    #[test]
-    fn requests_render_once_with_host_and_close() {
+    fn requests_carry_host_and_close() {
         let spec = HttpSpec {
             https: false,
             host: "10.0.0.5".into(),
@@ -425,24 +367,22 @@ mod tests {
             ],
             insecure: false,
         };
-        let req = String::from_utf8(render_request(&spec)).unwrap();
-        assert!(
-            req.starts_with("HEAD /health?full=1 HTTP/1.1\r\nHost: 10.0.0.5:8080\r\n"),
-            "{req}"
-        );
-        assert!(
-            req.contains("X-Probe: 1\r\n") && req.ends_with("Connection: close\r\n\r\n"),
-            "{req}"
-        );
-        assert!(!req.contains("keep-alive"));
-        let spec = HttpSpec {
-            headers: vec![("host".into(), "web.example".into())],
-            ..spec
-        };
-        let req = String::from_utf8(render_request(&spec)).unwrap();
-        assert!(
-            req.contains("host: web.example\r\n") && !req.contains("Host: 10.0.0.5"),
-            "{req}"
-        );
+        // (operator's headers, Host sent)
+        let cases = [
+            (vec![], "10.0.0.5:8080"),
+            (vec![("host", "web.example")], "web.example"),
+            (vec![("Host", "a"), ("X-Probe", "2")], "a"),
+        ];
+        for (extra, host) in cases {
+            let mut spec = spec.clone();
+            spec.headers
+                .extend(extra.iter().map(|(n, v)| (n.to_string(), v.to_string())));
+            let h = request_headers(&spec).unwrap();
+            let all = |name: &str| h.get_all(name).iter().map(|v| v.to_str().unwrap()).collect::<Vec<_>>();
+            assert_eq!(all("host"), [host], "{extra:?}");
+            assert_eq!(all("connection"), ["close"], "{extra:?}");
+            assert!(all("x-probe").contains(&"1"), "{extra:?}");
+            assert_eq!(all("accept"), ["*/*"]);
+        }
     }
 }

@@ -14,6 +14,7 @@ mod harness;
 mod netns;
 mod oneshot;
 mod operability;
+mod probe_http;
 mod recipes;
 mod repo;
 mod rollout;
