@@ -14,7 +14,6 @@
 //! the end.
 
 use std::pin::pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, CONNECTION, HOST, USER_AGENT};
@@ -73,9 +72,8 @@ impl HttpProbe {
     /// Builds the request and, for `https://`, sets up TLS once.
     pub fn new(spec: &HttpSpec, timeout: Duration) -> Result<Self, SetupError> {
         let tls = if spec.https {
-            let name = ServerName::try_from(spec.host.clone())
-                .map_err(|e| SetupError(format!("'{}' is not a TLS server name: {e}", spec.host)))?;
-            Some((tls_connector(spec.insecure)?, name))
+            let config = super::tls::client_config(spec.insecure, &[])?;
+            Some((TlsConnector::from(config), super::tls::server_name(&spec.host)?))
         } else {
             None
         };
@@ -270,72 +268,6 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-/// TLS for `https://` probes: the system's trust roots, or none checked at
-/// all with `--insecure`.
-fn tls_connector(insecure: bool) -> Result<TlsConnector, SetupError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| SetupError(e.to_string()))?;
-    let config = if insecure {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
-            .with_no_client_auth()
-    } else {
-        let mut roots = rustls::RootCertStore::empty();
-        let found = rustls_native_certs::load_native_certs();
-        roots.add_parsable_certificates(found.certs);
-        if roots.is_empty() {
-            return Err(SetupError(
-                "no trusted CA certificates found on this system for https:// probes; install ca-certificates, or use --insecure".into(),
-            ));
-        }
-        builder.with_root_certificates(roots).with_no_client_auth()
-    };
-    Ok(TlsConnector::from(Arc::new(config)))
-}
-
-/// `--insecure`: any certificate is accepted; signatures are still checked
-/// so the handshake itself is sound.
-#[derive(Debug)]
-struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 #[cfg(test)]
