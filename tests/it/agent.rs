@@ -402,3 +402,44 @@ async fn status_lists_every_service_and_metrics_carry_their_names() {
     assert_eq!(registered("alpha"), Some(prometheus_parse::Value::Gauge(1.0)));
     assert_eq!(registered("beta"), Some(prometheus_parse::Value::Gauge(0.0)));
 }
+
+#[tokio::test]
+async fn exec_and_grpc_checks_work_in_the_agent() {
+    let etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("healthy");
+    let flag_path = flag.to_str().unwrap();
+    // etcd serves the standard gRPC health service on its client port.
+    let grpc = etcd.url(0).trim_start_matches("http://").to_string();
+    write(
+        dir.path(),
+        "s.toml",
+        &format!(
+            "[services.script]\nkey = \"/services/script/1\"\nvalue = \"s\"\nexec = \"test -e {flag_path}\"\n\
+             interval = \"200ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 1\n\n\
+             [services.rpc]\nkey = \"/services/rpc/1\"\nvalue = \"r\"\ngrpc = \"{grpc}\"\n\
+             interval = \"300ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 1\n"
+        ),
+    );
+    let sk = agent(dir.path(), &etcd.endpoints(), &[]);
+    let c = etcd.client(0).await;
+    assert!(
+        key_becomes(&c, "/services/rpc/1", Some("r"), 10 * SEC).await,
+        "{}",
+        sk.log()
+    );
+    tokio::time::sleep(SEC / 2).await; // the scenario: the script fails while the file is missing
+    assert!(get(&mut c.clone(), "/services/script/1").await.is_none());
+    std::fs::write(&flag, "").unwrap();
+    assert!(
+        key_becomes(&c, "/services/script/1", Some("s"), 5 * SEC).await,
+        "{}",
+        sk.log()
+    );
+    std::fs::remove_file(&flag).unwrap();
+    assert!(
+        key_becomes(&c, "/services/script/1", None, 5 * SEC).await,
+        "{}",
+        sk.log()
+    );
+}
