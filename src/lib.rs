@@ -4,7 +4,8 @@
 //! The pieces, in the order data flows through them:
 //!
 //! - [`cli`] holds the raw command-line flags; [`config`] turns them into
-//!   validated settings and owns every cross-flag rule.
+//!   validated settings and owns every cross-flag rule; [`parse`] holds the
+//!   small parsers of flag values and the usage error.
 //! - [`discover`] finds etcd: flags, environment, the env file, the default
 //!   gateway, then loopback.
 //! - [`probe`] checks the instance (HTTP, TCP, a command, gRPC health);
@@ -13,7 +14,11 @@
 //! - [`registry`] talks to etcd (leases, guarded puts, revoke); an in-memory
 //!   fake stands in for it in unit tests.
 //! - [`sidekick`] ties probe → health → registry together and owns the
-//!   shutdown order; [`shutdown`] turns signals into cancellation.
+//!   shutdown order; [`shutdown`] turns signals into cancellation, the
+//!   maintenance switch and the agent's reload.
+//! - [`agent`] runs many services in one process under one lease, from TOML.
+//! - [`hooks`] carries what the loop reports besides its logs: [`status`]
+//!   (the `--status-addr` server and its metrics) and [`notify`] (systemd).
 //! - [`oneshot`] holds the one-shot etcd commands: announce, withdraw, list.
 //! - [`wait`] blocks until keys exist, are gone, or reach a count, on an
 //!   etcd watch.
