@@ -36,27 +36,12 @@ async fn sigterm_with_etcd_frozen_exits_within_dial_timeout_plus_drain() {
     // TTL 9s: keep-alives every 3s, each bounded by min(3s, 9s/3) = 3s.
     let dial = 3 * SEC;
     let drain = SEC;
-    let mut sk = Running::start(&[
-        "run",
-        KEY,
-        VALUE,
-        "--http",
-        &url,
-        "--interval",
-        "300ms",
-        "--timeout",
-        "100ms",
-        "--rise",
-        "1",
-        "--ttl",
-        "9s",
-        "--dial-timeout",
-        "3s",
-        "--drain",
-        "1s",
-        "--endpoints",
-        &eps,
-    ]);
+    let args = fast_run(KEY, VALUE, &url, &eps, "1", "2")
+        .with("--interval", "300ms")
+        .with("--ttl", "9s")
+        .with("--dial-timeout", "3s")
+        .with("--drain", "1s");
+    let mut sk = Running::start(&args);
     let c = etcd.client(0).await;
     assert!(key_becomes(&c, KEY, Some(VALUE), 10 * SEC).await, "{}", sk.log());
 
@@ -89,23 +74,13 @@ async fn a_hung_keep_alive_with_a_short_ttl_is_retried_before_expiry() {
     let etcd = Etcd::cluster(3).await;
     let backend = Backend::start();
     let (url, eps) = (backend.url(), etcd.endpoints());
-    let mut sk = Running::start(&[
-        "run",
-        KEY,
-        VALUE,
-        "--http",
-        &url,
-        "--interval",
-        "500ms",
-        "--timeout",
-        "200ms",
-        "--rise",
-        "1",
-        "--ttl",
-        "3s",
-        "--endpoints",
-        &eps,
-    ]);
+    // The default 5s dial timeout: only the TTL/3 bound saves the lease.
+    let args = fast_run(KEY, VALUE, &url, &eps, "1", "2")
+        .with("--interval", "500ms")
+        .with("--timeout", "200ms")
+        .with("--ttl", "3s")
+        .with("--dial-timeout", "5s");
+    let mut sk = Running::start(&args);
     // The sidekick talks to the first endpoint; the test reads through the
     // second, which stays up.
     let mut c = etcd.client(1).await;
@@ -148,26 +123,8 @@ async fn one_warning_per_cause_whatever_the_endpoint() {
     let eps = eps.join(",");
     let backend = Backend::start();
     let url = backend.url();
-    let mut sk = Running::start_with_env(
-        &[
-            "run",
-            KEY,
-            VALUE,
-            "--http",
-            &url,
-            "--interval",
-            "300ms",
-            "--timeout",
-            "100ms",
-            "--rise",
-            "1",
-            "--ttl",
-            "2s",
-            "--endpoints",
-            &eps,
-        ],
-        &[("RUST_LOG", "info,etcd_sidekick=debug")],
-    );
+    let args = fast_run(KEY, VALUE, &url, &eps, "1", "2").with("--interval", "300ms");
+    let mut sk = Running::start_with_env(&args, &[("RUST_LOG", "info,etcd_sidekick=debug")]);
     // Backoff is capped at the interval: dozens of attempts in 5 s.
     let attempts = || sk_attempts(&sk);
     assert!(
