@@ -339,7 +339,7 @@ pub async fn bind_and_serve(addr: &(String, u16), view: View, shutdown: Cancella
 
 /// Serves the board on `listener` until `shutdown`: one small HTTP/1.1
 /// server on hyper (already in the tree), no framework.
-pub async fn serve(listener: TcpListener, view: View, shutdown: CancellationToken) {
+async fn serve(listener: TcpListener, view: View, shutdown: CancellationToken) {
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -409,7 +409,7 @@ impl Backend {
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                     .is_ok();
                 let ok = healthy.load(Ordering::SeqCst) && !failing;
-                std::thread::spawn(move || serve(&mut conn, ok));
+                std::thread::spawn(move || answer_http(&mut conn, ok, "ok\n"));
             }
         });
         b
@@ -436,7 +436,9 @@ impl Backend {
     }
 }
 
-fn serve(conn: &mut TcpStream, ok: bool) {
+/// Reads one request head from `conn` and answers 200 with `body`, or 503
+/// when not `ok`, then closes.
+pub fn answer_http(conn: &mut TcpStream, ok: bool, body: &str) {
     conn.set_read_timeout(Some(Duration::from_secs(2))).ok();
     let mut buf = [0u8; 4096];
     let mut seen = Vec::new();
@@ -447,7 +449,7 @@ fn serve(conn: &mut TcpStream, ok: bool) {
         }
     }
     let (status, body) = if ok {
-        ("200 OK", "ok\n")
+        ("200 OK", body)
     } else {
         ("503 Service Unavailable", "down\n")
     };

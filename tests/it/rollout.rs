@@ -15,7 +15,6 @@
 //! unit is down (for a sidekick: revoked, drained, exited).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
@@ -72,10 +71,10 @@ impl Instance {
                 if flag.load(Ordering::SeqCst) {
                     return;
                 }
-                let Ok(conn) = conn else { continue };
+                let Ok(mut conn) = conn else { continue };
                 let body = body.clone();
                 let ready = ready_at.is_some_and(|t| Instant::now() >= t);
-                std::thread::spawn(move || answer(conn, ready, &body));
+                std::thread::spawn(move || answer_http(&mut conn, ready, &body));
             }
         });
         Instance {
@@ -99,28 +98,6 @@ impl Drop for Instance {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn answer(mut conn: TcpStream, healthy: bool, body: &str) {
-    conn.set_read_timeout(Some(2 * SEC)).ok();
-    let mut buf = [0u8; 4096];
-    let mut seen = Vec::new();
-    while !seen.windows(4).any(|w| w == b"\r\n\r\n") && seen.len() < 16 * 1024 {
-        match conn.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => seen.extend_from_slice(&buf[..n]),
-        }
-    }
-    let (status, body) = if healthy {
-        ("200 OK", body)
-    } else {
-        ("503 Service Unavailable", "down\n")
-    };
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = conn.write_all(resp.as_bytes());
 }
 
 /// The test's systemd: `web@N` is an [`Instance`], `web_presence@N` its
