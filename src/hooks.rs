@@ -1,49 +1,41 @@
-//! What the loop tells the world besides its logs (the status board,
+//! What the engine tells the world besides its logs (the status boards,
 //! systemd's notifications) and what it is told (the maintenance switch and
 //! file). Every piece is optional and off by default; [`Hooks::default`]
-//! does nothing, so `run` without `--status-addr`, `NOTIFY_SOCKET` or
+//! does nothing, so a sidekick without `--status-addr`, `NOTIFY_SOCKET` or
 //! `--maintenance-file` pays a few branches and nothing else.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::RunConfig;
-use crate::health::State;
+use crate::config::Operability;
 use crate::notify::{Notice, Notifier, Systemd};
-use crate::probe::Outcome;
-use crate::registry::LeaseId;
-use crate::status::Board;
+use crate::status::{Board, Boards, Pulse, View};
 
-/// The optional parts of a run.
-#[derive(Default)]
+/// The optional parts of a sidekick, `run` or agent alike.
+#[derive(Default, Clone)]
 pub struct Hooks {
-    /// The board `--status-addr` serves.
-    pub board: Option<Arc<Board>>,
+    /// The boards `--status-addr` serves; each service adds its own.
+    pub boards: Option<Boards>,
+    /// The etcd endpoint shown on new boards.
+    pub endpoint: String,
     /// systemd, when `NOTIFY_SOCKET` is set.
-    pub notifier: Option<Box<dyn Notifier>>,
-    /// How often the probe loop sends `WATCHDOG=1`.
+    pub notifier: Option<Arc<dyn Notifier>>,
+    /// How often to send `WATCHDOG=1`.
     pub watchdog: Option<Duration>,
-    /// `--maintenance-file`: while it exists, the instance is in maintenance.
+    /// `--maintenance-file`: while it exists, every service is in maintenance.
     pub maintenance_file: Option<PathBuf>,
     /// SIGUSR1 (true) and SIGUSR2 (false): maintenance by signal.
     pub maintenance_switch: Option<watch::Receiver<bool>>,
-    /// How long after the start the first probe comes (the agent spreads
-    /// its services' probes over their intervals).
-    pub phase: Duration,
-    /// Probes in flight at once, across the services sharing it.
-    pub probe_permits: Option<Arc<tokio::sync::Semaphore>>,
-    ready: AtomicBool,
 }
 
 impl std::fmt::Debug for Hooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hooks")
-            .field("board", &self.board.is_some())
+            .field("boards", &self.boards.is_some())
             .field("notifier", &self.notifier.is_some())
             .field("watchdog", &self.watchdog)
             .field("maintenance_file", &self.maintenance_file)
@@ -52,126 +44,59 @@ impl std::fmt::Debug for Hooks {
 }
 
 impl Hooks {
-    /// The hooks `run` asked for: binds and serves `--status-addr` (until
-    /// `shutdown`), talks to systemd when it set `NOTIFY_SOCKET`, and takes
-    /// the maintenance switch and file.
-    pub async fn for_run(
-        cfg: &RunConfig,
+    /// The hooks the flags and environment ask for: binds and serves
+    /// `--status-addr` until `shutdown` (`/status` shows one service's
+    /// object with `one`, else a list), talks to systemd when it set
+    /// `NOTIFY_SOCKET`, and takes the maintenance switch and file.
+    pub async fn new(
+        ops: &Operability,
+        endpoint: &str,
+        one: bool,
         maintenance_switch: Option<watch::Receiver<bool>>,
         shutdown: CancellationToken,
     ) -> std::io::Result<Hooks> {
-        let board = match &cfg.ops.status_addr {
+        let boards = match &ops.status_addr {
             None => None,
             Some(addr) => {
-                let timeout = cfg.probe.as_ref().map_or(Duration::ZERO, |p| p.timeout);
-                let stall = 2 * cfg.timing.interval + timeout + Duration::from_secs(1);
-                let keys = cfg.keys.iter().map(|(k, _)| k.clone()).collect();
-                let endpoint = cfg.etcd.discovery.endpoints.first().cloned().unwrap_or_default();
-                let board = Arc::new(Board::new(&cfg.keys[0].0, keys, &endpoint, stall));
-                crate::status::bind_and_serve(addr, crate::status::View::One(board.clone()), shutdown).await?;
-                Some(board)
+                let boards: Boards = Arc::new(Mutex::new(Vec::new()));
+                let view = if one {
+                    View::One(boards.clone())
+                } else {
+                    View::Many(boards.clone())
+                };
+                crate::status::bind_and_serve(addr, view, shutdown).await?;
+                Some(boards)
             }
         };
         let notifier = Systemd::from_env();
         Ok(Hooks {
-            board,
+            boards,
+            endpoint: endpoint.to_string(),
             watchdog: notifier.as_ref().and_then(|_| Systemd::watchdog_period()),
-            notifier: notifier.map(|n| Box::new(n) as Box<dyn Notifier>),
-            maintenance_file: cfg.ops.maintenance_file.clone(),
+            notifier: notifier.map(|n| Arc::new(n) as Arc<dyn Notifier>),
+            maintenance_file: ops.maintenance_file.clone(),
             maintenance_switch,
-            phase: Duration::ZERO,
-            probe_permits: None,
-            ready: AtomicBool::new(false),
         })
     }
 
-    fn notify(&self, notice: Notice<'_>) {
+    pub(crate) fn notify(&self, notice: Notice<'_>) {
         if let Some(n) = &self.notifier {
             n.send(notice);
         }
     }
 
-    /// The state is settled (registered, deliberately down, or etcd known
-    /// to be unreachable): `READY=1`, once.
-    pub(crate) fn ready(&self) {
-        if self.notifier.is_some() && !self.ready.swap(true, Ordering::Relaxed) {
-            self.notify(Notice::Ready);
-        }
+    /// A board for a service starting, when boards are served.
+    pub(crate) fn add_board(&self, name: &str, keys: Vec<String>, pulse: Arc<Pulse>) -> Option<Arc<Board>> {
+        let list = self.boards.as_ref()?;
+        let b = Arc::new(Board::new(name, keys, &self.endpoint, pulse));
+        list.lock().expect("boards lock").push(b.clone());
+        Some(b)
     }
 
-    /// Whether maintenance is asked for: by signal, or by the file (one
-    /// `stat`, only when a file is configured).
-    pub(crate) fn in_maintenance(&self) -> bool {
-        self.maintenance_switch.as_ref().is_some_and(|s| *s.borrow())
-            || self.maintenance_file.as_ref().is_some_and(|f| f.exists())
-    }
-
-    /// The probe loop turned and probed.
-    pub(crate) fn probed(&self, outcome: &Outcome, failing: u32) {
-        if let Some(b) = &self.board {
-            b.tick();
-            b.probe(outcome, failing);
+    /// Takes a stopped service's board off the list.
+    pub(crate) fn remove_board(&self, board: &Arc<Board>) {
+        if let Some(list) = &self.boards {
+            list.lock().expect("boards lock").retain(|o| !Arc::ptr_eq(o, board));
         }
-    }
-
-    /// The probe loop is alive.
-    pub(crate) fn watchdog(&self) {
-        if let Some(b) = &self.board {
-            b.tick();
-        }
-        self.notify(Notice::Watchdog);
-    }
-
-    /// A new state, with the line systemd shows for it.
-    pub(crate) fn state(&self, state: State, line: &str) {
-        if let Some(b) = &self.board {
-            b.state(state.as_str());
-        }
-        self.notify(Notice::Status(line));
-        if state == State::Down || state == State::Maintenance {
-            self.ready();
-        }
-    }
-
-    /// The keys are in etcd.
-    pub(crate) fn registered(&self, lease: LeaseId, ttl: Duration, endpoint: &str, keys: &str) {
-        if let Some(b) = &self.board {
-            b.registered(lease, ttl, endpoint);
-        }
-        if self.notifier.is_some() {
-            self.notify(Notice::Status(&format!("registered {keys}, lease {lease}")));
-            self.ready();
-        }
-    }
-
-    /// The lease was refreshed.
-    pub(crate) fn kept_alive(&self) {
-        if let Some(b) = &self.board {
-            b.kept_alive();
-        }
-    }
-
-    /// The keys left etcd: `why` says how.
-    pub(crate) fn withdrawn(&self, why: &str) {
-        if let Some(b) = &self.board {
-            b.withdrawn();
-        }
-        self.notify(Notice::Status(why));
-    }
-
-    /// An etcd call failed; `first` when it is a new cause in this outage.
-    pub(crate) fn etcd_failed(&self, keep_alive: bool, endpoint: &str, text: &str, first: bool) {
-        if let Some(b) = &self.board {
-            b.etcd_error(keep_alive, endpoint, text.to_string());
-        }
-        if first && self.notifier.is_some() {
-            self.notify(Notice::Status(&format!("etcd unreachable, retrying: {text}")));
-            self.ready();
-        }
-    }
-
-    /// Shutting down.
-    pub(crate) fn stopping(&self) {
-        self.notify(Notice::Stopping);
     }
 }

@@ -11,13 +11,15 @@
 //! - [`probe`] checks the instance (HTTP, TCP, a command, gRPC health);
 //!   [`health`] turns probe outcomes into up/down with rise/fall
 //!   hysteresis.
-//! - [`registry`] talks to etcd (leases, guarded puts, revoke); an in-memory
-//!   fake stands in for it in unit tests.
-//! - [`sidekick`] ties probe → health → registry together and owns the
-//!   shutdown order; [`shutdown`] turns signals into cancellation, the
+//! - [`registry`] is etcd as this project uses it (leases, transactions,
+//!   watches) with the composite operations written once over it; a model
+//!   of etcd stands in for it in unit tests.
+//! - [`engine`] is the one registrar: services in, keys in etcd out, with a
+//!   probe loop per service and a withdrawal policy; [`run`] is it with one
+//!   service (`sidekick run`), [`agent`] with many from TOML (`sidekick
+//!   agent`); [`shutdown`] turns signals into cancellation, the
 //!   maintenance switch and the agent's reload.
-//! - [`agent`] runs many services in one process under one lease, from TOML.
-//! - [`hooks`] carries what the loop reports besides its logs: [`status`]
+//! - [`hooks`] carries what the engine reports besides its logs: [`status`]
 //!   (the `--status-addr` server and its metrics) and [`notify`] (systemd).
 //! - [`oneshot`] holds the one-shot etcd commands: announce, withdraw, list.
 //! - [`wait`] blocks until keys exist, are gone, or reach a count, on an
@@ -31,6 +33,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod discover;
+pub mod engine;
 pub mod exit;
 pub mod explain;
 pub mod health;
@@ -42,7 +45,7 @@ pub mod parse;
 mod parse_props;
 pub mod probe;
 pub mod registry;
+pub mod run;
 pub mod shutdown;
-pub mod sidekick;
 pub mod status;
 pub mod wait;

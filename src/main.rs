@@ -5,7 +5,7 @@ use std::process;
 
 use clap::error::ErrorKind;
 use clap::Parser;
-use etcd_sidekick::agent::{self, AgentHooks};
+use etcd_sidekick::agent;
 use etcd_sidekick::cli::{
     AgentArgs, AnnounceArgs, CheckArgs, Cli, Command, DiscoverArgs, ListArgs, LogFormat, RunArgs, WithdrawArgs,
 };
@@ -17,7 +17,6 @@ use etcd_sidekick::oneshot::{self, Report};
 use etcd_sidekick::probe::Probe;
 use etcd_sidekick::registry::{connect_options, EtcdRegistry};
 use etcd_sidekick::shutdown;
-use etcd_sidekick::sidekick::{self, Plan};
 use etcd_sidekick::wait;
 use tracing::info;
 
@@ -115,6 +114,16 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .map_err(|e| Failure::Runtime(anyhow::Error::new(e).context("could not start the async runtime")))
 }
 
+/// Runs `f` to completion, then shuts the runtime down without waiting
+/// for blocking work (a name lookup stuck in the resolver, say), so the
+/// exit bound holds whatever is still in flight.
+fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, Failure> {
+    let rt = runtime()?;
+    let out = rt.block_on(f);
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    Ok(out)
+}
+
 fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     match command {
         Command::Run(args) => run(args),
@@ -139,8 +148,8 @@ fn dispatch(command: Command) -> Result<ExitCode, Failure> {
 fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     let cfg = config::run_config(&args, &SystemEnv)?;
     let options = connect_options(&cfg.etcd).map_err(Failure::Usage)?;
-    let probe = cfg
-        .probe
+    // A probe that cannot be set up fails now, before anything is written.
+    cfg.probe
         .as_ref()
         .map(Probe::new)
         .transpose()
@@ -163,24 +172,20 @@ fn run(args: RunArgs) -> Result<ExitCode, Failure> {
                 .unwrap_or_default()
         ),
     }
-    let plan = Plan {
-        keys: cfg.keys.clone(),
-        shared: cfg.shared.clone(),
-        timing: cfg.timing.clone(),
-        stop_timeout: cfg.etcd.dial_timeout,
-    };
+    let service = etcd_sidekick::run::service(&cfg);
+    let settings = etcd_sidekick::run::settings(&cfg);
     let registry = EtcdRegistry::new(d.endpoints.clone(), options, cfg.call_bound());
-    runtime()?.block_on(async {
-        let token =
-            shutdown::on_signals().map_err(|e| anyhow::Error::new(e).context("could not install signal handlers"))?;
-        let switch = shutdown::maintenance_switch()
-            .map_err(|e| anyhow::Error::new(e).context("could not install signal handlers"))?;
-        let hooks = Hooks::for_run(&cfg, Some(switch), token.clone())
+    block_on(async {
+        let signals = |e| anyhow::Error::new(e).context("could not install signal handlers");
+        // A closed terminal (SIGHUP) stops `run` like SIGTERM, withdrawing.
+        let token = shutdown::on_signals(true).map_err(signals)?;
+        let switch = shutdown::maintenance_switch().map_err(signals)?;
+        let hooks = Hooks::new(&cfg.ops, &d.endpoints[0], true, Some(switch), token.clone())
             .await
             .map_err(|e| anyhow::Error::new(e).context("could not serve --status-addr"))?;
-        sidekick::run_with(&plan, probe, registry, token, &hooks).await;
+        etcd_sidekick::run::run(service, &settings, &agent::build_probe, registry, &hooks, token).await;
         Ok::<_, Failure>(())
-    })?;
+    })??;
     Ok(ExitCode::Success)
 }
 
@@ -190,17 +195,17 @@ fn agent(args: AgentArgs) -> Result<ExitCode, Failure> {
     let d = &cfg.etcd.discovery;
     info!(endpoints = %d.endpoints.join(","), rule = %d.rule, config = %args.config, "agent");
     let registry = EtcdRegistry::new(d.endpoints.clone(), options, cfg.call_bound());
-    runtime()?.block_on(async {
+    block_on(async {
         let signals = |e| anyhow::Error::new(e).context("could not install signal handlers");
-        let token = shutdown::on_signals().map_err(signals)?;
+        let token = shutdown::on_signals(false).map_err(signals)?;
         let switch = shutdown::maintenance_switch().map_err(signals)?;
         let reload = shutdown::on_reload().map_err(signals)?;
-        let hooks = AgentHooks::for_agent(&cfg, Some(switch), token.clone())
+        let hooks = Hooks::new(&cfg.ops, &d.endpoints[0], false, Some(switch), token.clone())
             .await
             .map_err(|e| anyhow::Error::new(e).context("could not serve --status-addr"))?;
-        agent::run(&cfg.settings, cfg.services.clone(), registry, token, reload, &hooks).await;
+        agent::run(&cfg, registry, &hooks, token, reload).await;
         Ok::<_, Failure>(())
-    })?;
+    })??;
     Ok(ExitCode::Success)
 }
 

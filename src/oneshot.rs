@@ -8,7 +8,7 @@ use std::time::Duration;
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 
 use crate::probe::{Outcome, Probe};
-use crate::registry::{EtcdRegistry, LeaseId, Registry, RegistryError};
+use crate::registry::{Etcd, EtcdRegistry, LeaseId, RegistryError};
 
 /// Puts `keys` in one transaction: permanently, or under a new lease of
 /// `ttl`, whose id is returned.
@@ -35,7 +35,7 @@ pub async fn announce(
     };
     reg.once("put the keys", limit, async |c| c.txn(Txn::new().and_then(ops())).await)
         .await
-        .map_err(|e| e.writing(keys))?;
+        .map_err(|e| e.writing(keys.iter().map(|(k, _)| k.as_str())))?;
     Ok(lease)
 }
 

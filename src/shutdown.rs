@@ -1,4 +1,4 @@
-//! Signals → cancellation: the first SIGTERM/SIGINT cancels the token, which
+//! Signals → cancellation: the first SIGTERM/SIGINT (and SIGHUP for `run`) cancels the token, which
 //! every loop watches; a second one exits at once. SIGUSR1/SIGUSR2 are the
 //! maintenance switch, SIGHUP the agent's reload.
 
@@ -8,24 +8,27 @@ use tracing::{info, warn};
 
 use crate::exit::ExitCode;
 
-/// Installs the handlers and returns the token they cancel. Must be called
-/// inside a tokio runtime.
-pub fn on_signals() -> std::io::Result<CancellationToken> {
+/// Installs the handlers and returns the token they cancel; with `hangup`
+/// SIGHUP stops too (`run`: a closed terminal), else it is left to the
+/// agent's reload. Must be called inside a tokio runtime.
+pub fn on_signals(hangup: bool) -> std::io::Result<CancellationToken> {
     let token = CancellationToken::new();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = if hangup { Some(signal(SignalKind::hangup())?) } else { None };
     let cancel = token.clone();
     tokio::spawn(async move {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        let mut next = async || {
+            tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = async { hup.as_mut().expect("checked").recv().await }, if hup.is_some() => "SIGHUP",
+            }
         };
+        let name = next().await;
         info!(signal = name, "stopping: withdrawing the keys");
         cancel.cancel();
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
+        let name = next().await;
         warn!(signal = name, "second signal: exiting at once");
         std::process::exit(ExitCode::Success.code());
     });

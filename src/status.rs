@@ -27,6 +27,71 @@ const BUCKETS: [f64; 11] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 /// Probes kept for `/status`.
 const LAST_PROBES: usize = 5;
 
+/// Whether a service's loop is alive: the one stall rule, read by
+/// `/healthz` and by the watchdog. The loop beats at every turn; time spent
+/// waiting for a probe slot (the agent runs at most so many probes at once)
+/// is not a stall, and the last such wait is shown in `/status`.
+#[derive(Debug)]
+pub struct Pulse {
+    stall: Duration,
+    inner: Mutex<PulseState>,
+}
+
+#[derive(Debug)]
+struct PulseState {
+    last: tokio::time::Instant,
+    waiting_since: Option<tokio::time::Instant>,
+    last_wait: Duration,
+}
+
+impl Pulse {
+    /// The pulse of a loop probing every `interval` with `timeout`: stalled
+    /// after two intervals, a timeout and a second without a turn.
+    pub fn new(interval: Duration, timeout: Duration) -> Self {
+        Pulse {
+            stall: 2 * interval + timeout + Duration::from_secs(1),
+            inner: Mutex::new(PulseState {
+                last: tokio::time::Instant::now(),
+                waiting_since: None,
+                last_wait: Duration::ZERO,
+            }),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut PulseState) -> T) -> T {
+        f(&mut self.inner.lock().expect("pulse lock"))
+    }
+
+    /// The loop turned.
+    pub fn beat(&self) {
+        self.with(|p| p.last = tokio::time::Instant::now());
+    }
+
+    /// The loop waits for a probe slot (`true`), or got one (`false`).
+    pub fn waiting(&self, waiting: bool) {
+        self.with(|p| {
+            let now = tokio::time::Instant::now();
+            if waiting {
+                p.waiting_since = Some(now);
+            } else if let Some(since) = p.waiting_since.take() {
+                p.last_wait = now - since;
+                p.last = now;
+            }
+        });
+    }
+
+    /// Whether the loop turned within the stall limit, or is waiting for
+    /// a slot.
+    pub fn alive(&self) -> bool {
+        self.with(|p| p.waiting_since.is_some() || p.last.elapsed() <= self.stall)
+    }
+
+    /// How long the last wait for a probe slot took.
+    pub fn last_wait(&self) -> Duration {
+        self.with(|p| p.last_wait)
+    }
+}
+
 /// One probe as `/status` shows it.
 #[derive(Debug, Clone)]
 struct ProbeRecord {
@@ -51,8 +116,6 @@ struct Snapshot {
     keepalive_failures: u64,
     buckets: [u64; BUCKETS.len()],
     duration_sum: f64,
-    /// The probe loop's last turn, for `/healthz`.
-    tick: Instant,
 }
 
 /// The status of one service, shared by the loop and the server.
@@ -60,19 +123,19 @@ struct Snapshot {
 pub struct Board {
     service: String,
     keys: Vec<String>,
-    /// How long the probe loop may be silent before `/healthz` fails.
-    stall: Duration,
+    /// The loop's liveness, for `/healthz`.
+    pulse: Arc<Pulse>,
     inner: Mutex<Snapshot>,
 }
 
 impl Board {
     /// A board for `service` (the label of every metric) keeping `keys`;
-    /// `/healthz` fails when the loop has not turned for `stall`.
-    pub fn new(service: &str, keys: Vec<String>, endpoint: &str, stall: Duration) -> Self {
+    /// `/healthz` fails when `pulse` says the loop stalled.
+    pub fn new(service: &str, keys: Vec<String>, endpoint: &str, pulse: Arc<Pulse>) -> Self {
         Board {
             service: service.to_string(),
             keys,
-            stall,
+            pulse,
             inner: Mutex::new(Snapshot {
                 state: "starting",
                 failing: 0,
@@ -87,18 +150,12 @@ impl Board {
                 keepalive_failures: 0,
                 buckets: [0; BUCKETS.len()],
                 duration_sum: 0.0,
-                tick: Instant::now(),
             }),
         }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Snapshot) -> T) -> T {
         f(&mut self.inner.lock().expect("status board lock"))
-    }
-
-    /// The probe loop turned.
-    pub fn tick(&self) {
-        self.with(|s| s.tick = Instant::now());
     }
 
     /// A probe's outcome, and the consecutive failures it leaves.
@@ -177,9 +234,9 @@ impl Board {
         });
     }
 
-    /// Whether the probe loop turned recently.
+    /// Whether the loop turned recently.
     pub fn healthy(&self) -> bool {
-        self.with(|s| s.tick.elapsed() <= self.stall)
+        self.pulse.alive()
     }
 
     /// `/status` of this service: one JSON object.
@@ -218,6 +275,7 @@ impl Board {
                 "etcd_endpoint": s.endpoint,
                 "last_probes": probes,
                 "last_error": s.last_error,
+                "probe_slot_wait_s": self.pulse.last_wait().as_secs_f64(),
             })
         })
     }
@@ -286,29 +344,33 @@ pub fn metrics(boards: &[&Board]) -> String {
     out
 }
 
+/// The boards the server shows; the engine adds and removes them as
+/// services start and stop.
+pub type Boards = Arc<Mutex<Vec<Arc<Board>>>>;
+
 /// What the server shows: one service (`run`), or the agent's services,
 /// which a reload changes.
 #[derive(Debug, Clone)]
 pub enum View {
     /// `run`: `/status` is the service's object.
-    One(Arc<Board>),
+    One(Boards),
     /// `agent`: `/status` is `{"services": [...]}`.
-    Many(Arc<Mutex<Vec<Arc<Board>>>>),
+    Many(Boards),
 }
 
 impl View {
     fn boards(&self) -> Vec<Arc<Board>> {
         match self {
-            View::One(b) => vec![b.clone()],
-            View::Many(list) => list.lock().expect("boards lock").clone(),
+            View::One(list) | View::Many(list) => list.lock().expect("boards lock").clone(),
         }
     }
 
     fn status(&self) -> String {
+        let boards = self.boards();
         match self {
-            View::One(b) => b.to_json(),
+            View::One(_) => boards.first().map_or_else(|| "{}".to_string(), |b| b.to_json()),
             View::Many(_) => {
-                let services: Vec<serde_json::Value> = self.boards().iter().map(|b| b.json_value()).collect();
+                let services: Vec<serde_json::Value> = boards.iter().map(|b| b.json_value()).collect();
                 serde_json::json!({ "services": services }).to_string()
             }
         }
@@ -407,7 +469,7 @@ mod tests {
             "/services/web/1",
             vec!["/services/web/1".into()],
             "http://e:2379",
-            Duration::from_secs(1),
+            Arc::new(Pulse::new(Duration::from_secs(1), Duration::ZERO)),
         );
         b.probe(&outcome(true, 3), 0);
         b.probe(&outcome(false, 30), 1);

@@ -17,7 +17,7 @@ use tracing::debug;
 use crate::cli::WaitCmdArgs;
 use crate::config::{self, EtcdSettings, UsageError};
 use crate::discover::Environment;
-use crate::registry::{connect_options, EtcdRegistry, Registry};
+use crate::registry::{connect_options, Etcd, EtcdRegistry};
 
 /// What the wait is for.
 #[derive(Debug, Clone, PartialEq, Eq)]

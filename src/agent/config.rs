@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::cli::{ProbeArgs, ProbeOptions, TimingArgs};
-use crate::config::{self, ProbeSpec, Timing};
+use crate::config;
 use crate::parse::UsageError;
 
 /// One `[services.NAME]` table as written.
@@ -62,22 +62,7 @@ fn one_line(e: impl std::fmt::Display) -> String {
         .join(" ")
 }
 
-/// One service, checked: what `run` would have for the same flags.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Service {
-    /// The table's name: the `service` label of its metrics.
-    pub name: String,
-    /// The file it came from.
-    pub file: PathBuf,
-    /// `key` and every `extra`, the service's own keys.
-    pub keys: Vec<(String, String)>,
-    /// `shared`: service-level keys, put only where absent.
-    pub shared: Vec<(String, String)>,
-    /// How it is probed; `None` keeps it registered unconditionally.
-    pub probe: Option<ProbeSpec>,
-    /// Probe timing (the TTL is the agent's).
-    pub timing: Timing,
-}
+pub use crate::engine::Service;
 
 /// A configuration error: the file, the service (when known) and what is
 /// wrong with which field.
@@ -196,6 +181,11 @@ fn service(file: &Path, name: String, r: RawService, ttl: Duration) -> Result<Se
         },
     };
     let probe = config::probe_spec(&probe_args).map_err(|e| fail(e.0))?;
+    // A probe that cannot be built (a TLS set-up that fails, say) is an
+    // error now, not a service that never registers.
+    if let Some(spec) = &probe {
+        crate::probe::Probe::new(spec).map_err(|e| fail(format!("the probe cannot be set up: {e}")))?;
+    }
     let timing_args = TimingArgs {
         interval: r.interval.clone(),
         rise: r.rise.map(|n| n.to_string()),

@@ -1,15 +1,19 @@
-//! The etcd v3 registry: one client at a time, rotating over the endpoints
-//! when one stops answering, and one keep-alive stream kept open per lease.
+//! [`Etcd`] over gRPC: one client at a time, rotating over the endpoints
+//! when one stops answering, one keep-alive stream kept open per lease we
+//! keep alive, and one watch stream.
 
 use std::time::Duration;
 
-use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, Error, EventType, Identity, LeaseKeepAliveStream,
-    LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions, WatchStream,
-};
-use tracing::{debug, info};
+use std::collections::HashMap;
 
-use super::{HeldElsewhere, LeaseId, Registry, RegistryError, SharedPresent};
+use etcd_client::{
+    Certificate, Client, CompareOp, ConnectOptions, DeleteOptions, Error, EventType, GetOptions, Identity,
+    LeaseGrantOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, TxnOp, TxnOpResponse,
+    WatchFilterType, WatchOptions, WatchStream,
+};
+use tracing::debug;
+
+use super::{ErrorKind, Etcd, Event, Granted, KeyValue, LeaseId, Op, OpResult, Range, RegistryError, Target, TxnResult};
 use crate::config::EtcdSettings;
 
 /// Builds the connection options, reading the TLS files now so that a
@@ -74,12 +78,51 @@ fn cause(err: &Error) -> String {
     text
 }
 
-fn is_lease_not_found(err: &Error) -> bool {
-    match err {
-        Error::GRpcStatus(s) => s.message().contains("requested lease not found"),
-        Error::LeaseKeepAliveError(m) => m.contains("lease not found"),
-        _ => false,
-    }
+/// What etcd's answer means for the caller.
+fn kind(err: &Error) -> ErrorKind {
+    let msg = match err {
+        Error::GRpcStatus(s) => {
+            use tonic::Code;
+            match s.code() {
+                Code::PermissionDenied | Code::Unauthenticated => return ErrorKind::Denied,
+                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+                    if !s.message().contains("etcdserver: ") && !s.message().contains("mvcc: ") =>
+                {
+                    return ErrorKind::Unavailable
+                }
+                _ => s.message().to_string(),
+            }
+        }
+        Error::LeaseKeepAliveError(m) => m.clone(),
+        Error::TransportError(_) | Error::IoError(_) => return ErrorKind::Unavailable,
+        other => other.to_string(),
+    };
+    classify(&msg)
+}
+
+/// The kind of an etcd error message.
+fn classify(msg: &str) -> ErrorKind {
+    let table = [
+        ("requested lease not found", ErrorKind::LeaseNotFound),
+        ("lease not found", ErrorKind::LeaseNotFound),
+        ("lease already exists", ErrorKind::LeaseExists),
+        ("too many operations in txn request", ErrorKind::TooManyOps),
+        ("duplicate key given in txn request", ErrorKind::DuplicateKey),
+        ("required revision has been compacted", ErrorKind::Compacted),
+        ("required revision is a future revision", ErrorKind::FutureRevision),
+        ("permission denied", ErrorKind::Denied),
+        ("invalid auth token", ErrorKind::Denied),
+        ("authentication failed", ErrorKind::Denied),
+        ("user name not found", ErrorKind::Denied),
+        ("no leader", ErrorKind::Unavailable),
+        ("leader changed", ErrorKind::Unavailable),
+        ("timed out", ErrorKind::Unavailable),
+        ("too many requests", ErrorKind::Unavailable),
+    ];
+    table
+        .iter()
+        .find(|(text, _)| msg.contains(text))
+        .map_or(ErrorKind::Other, |(_, k)| *k)
 }
 
 /// etcd v3 over gRPC.
@@ -89,8 +132,8 @@ pub struct EtcdRegistry {
     options: ConnectOptions,
     timeout: Duration,
     client: Option<Client>,
-    keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
-    /// The watch on the shared keys, with the endpoint it was opened on.
+    keepers: HashMap<i64, (LeaseKeeper, LeaseKeepAliveStream)>,
+    /// The open watch, with the endpoint it was opened on.
     watch: Option<(WatchStream, String)>,
 }
 
@@ -114,22 +157,31 @@ impl EtcdRegistry {
             options,
             timeout,
             client: None,
-            keeper: None,
+            keepers: HashMap::new(),
             watch: None,
         }
     }
 
-    fn fail(&mut self, op: &'static str, cause: String) -> RegistryError {
+    fn fail(&mut self, op: &'static str, cause: String, kind: ErrorKind) -> RegistryError {
         let endpoint = self.endpoints[self.current].clone();
-        // Drop the connection and move on: the next attempt goes to the next
-        // endpoint, so a dead member costs one attempt, not all of them.
-        self.client = None;
-        self.keeper = None;
-        if self.endpoints.len() > 1 {
-            self.current = (self.current + 1) % self.endpoints.len();
-            debug!(from = %endpoint, to = %self.endpoints[self.current], "switching etcd endpoint");
+        // etcd answered, and said no: the connection is fine.
+        let answered = !matches!(kind, ErrorKind::Unavailable | ErrorKind::Denied | ErrorKind::Other);
+        if !answered {
+            // Drop the connection and move on: the next attempt goes to the
+            // next endpoint, so a dead member costs one attempt, not all.
+            self.client = None;
+            self.keepers.clear();
+            if self.endpoints.len() > 1 {
+                self.current = (self.current + 1) % self.endpoints.len();
+                debug!(from = %endpoint, to = %self.endpoints[self.current], "switching etcd endpoint");
+            }
         }
-        RegistryError { op, endpoint, cause }
+        RegistryError {
+            op,
+            endpoint,
+            cause,
+            kind,
+        }
     }
 
     /// Runs `f` on a connected client within the time limit.
@@ -155,7 +207,7 @@ impl EtcdRegistry {
                 Ok(v) => return Ok(v),
                 Err(e) => {
                     tries -= 1;
-                    if tries == 0 || tokio::time::Instant::now() >= deadline {
+                    if tries == 0 || tokio::time::Instant::now() >= deadline || e.kind != ErrorKind::Unavailable {
                         return Err(e);
                     }
                 }
@@ -178,211 +230,198 @@ impl EtcdRegistry {
         };
         match tokio::time::timeout(timeout, attempt).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.fail(op, cause(&e))),
-            Err(_) => Err(self.fail(op, format!("no answer within {}", humantime::format_duration(timeout)))),
+            Ok(Err(e)) => Err(self.fail(op, cause(&e), kind(&e))),
+            Err(_) => Err(self.fail(
+                op,
+                format!("no answer within {}", humantime::format_duration(timeout)),
+                ErrorKind::Unavailable,
+            )),
         }
     }
 }
 
-impl Registry for EtcdRegistry {
-    async fn grant(&mut self, ttl: Duration) -> Result<LeaseId, RegistryError> {
+fn range_key(range: &Range) -> &str {
+    match range {
+        Range::Key(k) | Range::Prefix(k) => k,
+    }
+}
+
+fn to_txn(txn: super::Txn) -> etcd_client::Txn {
+    use etcd_client::Compare as C;
+    let compares: Vec<C> = txn
+        .when
+        .into_iter()
+        .map(|c| match c.target {
+            Target::Version(v) => C::version(c.key, CompareOp::Equal, v),
+            Target::CreateRevision(r) => C::create_revision(c.key, CompareOp::Equal, r),
+            Target::ModRevision(r) => C::mod_revision(c.key, CompareOp::Equal, r),
+            Target::Lease(l) => C::lease(c.key, CompareOp::Equal, l),
+            Target::Value(v) => C::value(c.key, CompareOp::Equal, v),
+        })
+        .collect();
+    let ops = |ops: Vec<Op>| -> Vec<TxnOp> { ops.into_iter().map(to_op).collect() };
+    etcd_client::Txn::new()
+        .when(compares)
+        .and_then(ops(txn.then))
+        .or_else(ops(txn.otherwise))
+}
+
+fn to_op(op: Op) -> TxnOp {
+    match op {
+        Op::Put { key, value, lease } => {
+            let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+            TxnOp::put(key, value, opts)
+        }
+        Op::Delete(range) => {
+            let opts = matches!(range, Range::Prefix(_)).then(|| DeleteOptions::new().with_prefix());
+            TxnOp::delete(range_key(&range), opts)
+        }
+        Op::Get {
+            range,
+            revision,
+            count_only,
+        } => {
+            let mut opts = GetOptions::new().with_revision(revision);
+            if matches!(range, Range::Prefix(_)) {
+                opts = opts.with_prefix();
+            }
+            if count_only {
+                opts = opts.with_count_only();
+            }
+            TxnOp::get(range_key(&range), Some(opts))
+        }
+        Op::Txn(t) => TxnOp::txn(to_txn(t)),
+    }
+}
+
+fn from_kv(kv: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: String::from_utf8_lossy(kv.value()).into_owned(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+        version: kv.version(),
+        lease: kv.lease(),
+    }
+}
+
+fn from_txn(resp: &etcd_client::TxnResponse, revision: i64) -> TxnResult {
+    let results = resp
+        .op_responses()
+        .iter()
+        .map(|r| match r {
+            TxnOpResponse::Put(_) => OpResult::Put,
+            TxnOpResponse::Delete(d) => OpResult::Delete(d.deleted()),
+            TxnOpResponse::Get(g) => OpResult::Get {
+                kvs: g.kvs().iter().map(from_kv).collect(),
+                count: g.count(),
+            },
+            TxnOpResponse::Txn(t) => OpResult::Txn(from_txn(t, revision)),
+        })
+        .collect();
+    TxnResult {
+        succeeded: resp.succeeded(),
+        revision,
+        results,
+    }
+}
+
+impl Etcd for EtcdRegistry {
+    async fn grant(&mut self, ttl: Duration, id: Option<LeaseId>) -> Result<Granted, RegistryError> {
         let secs = ttl.as_secs() as i64;
-        self.call("grant a lease", async |c| c.lease_grant(secs, None).await)
-            .await
-            .map(|r| LeaseId(r.id()))
+        let opts = id.map(|id| LeaseGrantOptions::new().with_id(id.0));
+        let r = self
+            .call("grant a lease", async |c| c.lease_grant(secs, opts).await)
+            .await?;
+        Ok(Granted {
+            id: LeaseId(r.id()),
+            ttl: Duration::from_secs(r.ttl().max(0) as u64),
+        })
     }
 
-    async fn keep_alive(&mut self, lease: LeaseId) -> Result<bool, RegistryError> {
-        if self.keeper.as_ref().is_some_and(|(k, _)| k.id() != lease.0) {
-            self.keeper = None;
-        }
-        if self.keeper.is_none() {
+    async fn keep_alive(&mut self, lease: LeaseId) -> Result<Option<Duration>, RegistryError> {
+        const OP: &str = "keep the lease alive";
+        if !self.keepers.contains_key(&lease.0) {
             // Opening the stream sends the first keep-alive and waits for
             // its answer; a lease etcd no longer has is reported here.
-            return match self
-                .call("keep the lease alive", async |c| c.lease_keep_alive(lease.0).await)
-                .await
-            {
-                Ok(pair) => {
-                    self.keeper = Some(pair);
-                    Ok(true)
+            let opened = self
+                .call(OP, async |c| {
+                    let (keeper, mut stream) = c.lease_keep_alive(lease.0).await?;
+                    let first = stream.message().await?;
+                    Ok((keeper, stream, first))
+                })
+                .await;
+            return match opened {
+                Ok((keeper, stream, Some(resp))) if resp.ttl() > 0 => {
+                    self.keepers.insert(lease.0, (keeper, stream));
+                    Ok(Some(Duration::from_secs(resp.ttl() as u64)))
                 }
-                Err(e) if e.cause.contains("lease not found") => Ok(false),
+                Ok((_, _, Some(_))) => Ok(None),
+                Ok((_, _, None)) => Err(self.fail(OP, "etcd closed the keep-alive stream".into(), ErrorKind::Unavailable)),
+                Err(e) if e.kind == ErrorKind::LeaseNotFound => Ok(None),
                 Err(e) => Err(e),
             };
         }
-        let (keeper, stream) = self.keeper.as_mut().expect("checked above");
+        let (keeper, stream) = self.keepers.get_mut(&lease.0).expect("checked above");
         let round = async {
             keeper.keep_alive().await?;
             stream.message().await
         };
         match tokio::time::timeout(self.timeout, round).await {
-            Ok(Ok(Some(resp))) => Ok(resp.ttl() > 0),
-            Ok(Ok(None)) => Err(self.fail("keep the lease alive", "etcd closed the keep-alive stream".into())),
-            Ok(Err(e)) => Err(self.fail("keep the lease alive", cause(&e))),
+            Ok(Ok(Some(resp))) if resp.ttl() > 0 => Ok(Some(Duration::from_secs(resp.ttl() as u64))),
+            Ok(Ok(Some(_))) => {
+                self.keepers.remove(&lease.0);
+                Ok(None)
+            }
+            Ok(Ok(None)) => Err(self.fail(OP, "etcd closed the keep-alive stream".into(), ErrorKind::Unavailable)),
+            Ok(Err(e)) => Err(self.fail(OP, cause(&e), ErrorKind::Unavailable)),
             Err(_) => Err(self.fail(
-                "keep the lease alive",
+                OP,
                 format!("no answer within {}", humantime::format_duration(self.timeout)),
+                ErrorKind::Unavailable,
             )),
         }
     }
 
-    async fn put(
-        &mut self,
-        lease: LeaseId,
-        keys: &[(String, String)],
-        takeover: bool,
-    ) -> Result<Vec<HeldElsewhere>, RegistryError> {
-        let put = |k: &str, v: &str| TxnOp::put(k, v, Some(PutOptions::new().with_lease(lease.0)));
-        if takeover {
-            // One transaction: every key appears in the same revision.
-            let ops: Vec<TxnOp> = keys.iter().map(|(k, v)| put(k, v)).collect();
-            self.call("put the keys", async |c| c.txn(Txn::new().and_then(ops)).await)
-                .await
-                .map_err(|e| e.writing(keys))?;
-            return Ok(Vec::new());
+    async fn revoke(&mut self, lease: LeaseId) -> Result<bool, RegistryError> {
+        self.keepers.remove(&lease.0);
+        match self
+            .call("revoke the lease", async |c| c.lease_revoke(lease.0).await)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind == ErrorKind::LeaseNotFound => Ok(false),
+            Err(e) => Err(e),
         }
-        let mut held = Vec::new();
-        for (k, v) in keys {
-            // Put only where nobody is: a key that exists and is not on our
-            // lease belongs to someone else now.
-            let txn = Txn::new()
-                .when([Compare::version(k.as_str(), CompareOp::Equal, 0)])
-                .and_then([put(k, v)])
-                .or_else([TxnOp::get(k.as_str(), None)]);
-            let resp = self
-                .call("put the keys", async |c| c.txn(txn).await)
-                .await
-                .map_err(|e| e.writing(std::slice::from_ref(&(k.clone(), v.clone()))))?;
-            if resp.succeeded() {
-                continue;
-            }
-            let holder = resp.op_responses().into_iter().find_map(|r| match r {
-                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.lease()),
-                _ => None,
-            });
-            match holder {
-                Some(id) if id == lease.0 => {}
-                Some(0) => held.push(HeldElsewhere {
-                    key: k.clone(),
-                    holder: None,
-                }),
-                Some(id) => held.push(HeldElsewhere {
-                    key: k.clone(),
-                    holder: Some(LeaseId(id)),
-                }),
-                // Deleted between the compare and the read: try again later.
-                None => held.push(HeldElsewhere {
-                    key: k.clone(),
-                    holder: None,
-                }),
-            }
-        }
-        Ok(held)
     }
 
-    async fn revoke(&mut self, lease: LeaseId) -> Result<(), RegistryError> {
-        self.keeper = None;
-        let result = self
-            .call("revoke the lease", async |c| match c.lease_revoke(lease.0).await {
-                Ok(_) => Ok(true),
-                Err(e) if is_lease_not_found(&e) => Ok(false),
-                Err(e) => Err(e),
-            })
-            .await?;
-        if !result {
-            info!(lease = %lease, "lease was already gone");
-        }
-        Ok(())
+    async fn txn(&mut self, txn: super::Txn) -> Result<TxnResult, RegistryError> {
+        let txn = to_txn(txn);
+        let resp = self.call("run a transaction", async |c| c.txn(txn).await).await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        Ok(from_txn(&resp, revision))
     }
 
-    async fn withdraw_keys(&mut self, lease: LeaseId, keys: &[String]) -> Result<usize, RegistryError> {
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        // A transaction of transactions: each key is deleted only where it
-        // is still on our lease, and all of it lands in one revision.
-        let ops: Vec<TxnOp> = keys
-            .iter()
-            .map(|k| {
-                TxnOp::txn(
-                    Txn::new()
-                        .when([Compare::lease(k.as_str(), CompareOp::Equal, lease.0)])
-                        .and_then([TxnOp::delete(k.as_str(), None)]),
-                )
-            })
-            .collect();
-        let resp = self
-            .call("withdraw the keys", async |c| c.txn(Txn::new().and_then(ops)).await)
-            .await?;
-        let deleted = resp
-            .op_responses()
-            .into_iter()
-            .filter_map(|r| match r {
-                TxnOpResponse::Txn(t) if t.succeeded() => Some(()),
-                _ => None,
-            })
-            .count();
-        Ok(deleted)
-    }
-
-    async fn put_shared(
-        &mut self,
-        lease: LeaseId,
-        keys: &[(String, String)],
-    ) -> Result<(Vec<SharedPresent>, i64), RegistryError> {
-        let mut present = Vec::new();
-        let mut revision = 0;
-        for (k, v) in keys {
-            let txn = Txn::new()
-                .when([Compare::create_revision(k.as_str(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(
-                    k.as_str(),
-                    v.as_str(),
-                    Some(PutOptions::new().with_lease(lease.0)),
-                )])
-                .or_else([TxnOp::get(k.as_str(), None)]);
-            let resp = self
-                .call("put a shared key", async |c| c.txn(txn).await)
-                .await
-                .map_err(|e| e.writing(std::slice::from_ref(&(k.clone(), v.clone()))))?;
-            revision = revision.max(resp.header().map_or(0, |h| h.revision()));
-            if resp.succeeded() {
-                continue;
-            }
-            let found = resp.op_responses().into_iter().find_map(|r| match r {
-                TxnOpResponse::Get(g) => g.kvs().first().cloned(),
-                _ => None,
-            });
-            // Gone between the compare and the read: the watch, which
-            // starts at this revision, sees the deletion.
-            if let Some(kv) = found {
-                present.push(SharedPresent {
-                    key: k.clone(),
-                    value: String::from_utf8_lossy(kv.value()).into_owned(),
-                    holder: (kv.lease() != 0).then_some(LeaseId(kv.lease())),
-                });
-            }
-        }
-        Ok((present, revision))
-    }
-
-    async fn watch_deleted(&mut self, keys: &[String], from: i64) -> Result<(), RegistryError> {
+    async fn watch(&mut self, ranges: &[Range], from: i64, deletes_only: bool) -> Result<(), RegistryError> {
         self.watch = None;
-        let Some((first, rest)) = keys.split_first() else {
+        let Some((first, rest)) = ranges.split_first() else {
             return Ok(());
         };
-        // Deletions only: the puts of other instances wake nobody.
-        let options = || {
-            WatchOptions::new()
-                .with_start_revision(from)
-                .with_filters([WatchFilterType::NoPut])
+        let options = |r: &Range| {
+            let mut o = WatchOptions::new().with_start_revision(from);
+            if matches!(r, Range::Prefix(_)) {
+                o = o.with_prefix();
+            }
+            if deletes_only {
+                o = o.with_filters([WatchFilterType::NoPut]);
+            }
+            o
         };
         let stream = self
-            .call("watch the shared keys", async |c| {
-                let mut stream = c.watch(first.as_str(), Some(options())).await?;
-                for k in rest {
-                    stream.watch(k.as_str(), Some(options())).await?;
+            .call("watch the keys", async |c| {
+                let mut stream = c.watch(range_key(first), Some(options(first))).await?;
+                for r in rest {
+                    stream.watch(range_key(r), Some(options(r))).await?;
                 }
                 Ok(stream)
             })
@@ -391,48 +430,63 @@ impl Registry for EtcdRegistry {
         Ok(())
     }
 
-    async fn deleted(&mut self) -> Result<Vec<String>, RegistryError> {
+    async fn watched(&mut self) -> Result<Vec<Event>, RegistryError> {
         let Some((stream, endpoint)) = self.watch.as_mut() else {
             return std::future::pending().await;
         };
-        let broke = |cause: String, endpoint: &str| RegistryError {
-            op: "watch the shared keys",
+        let broke = |cause: String, kind: ErrorKind, endpoint: &str| RegistryError {
+            op: "watch the keys",
             endpoint: endpoint.to_string(),
             cause,
+            kind,
         };
         loop {
             let resp = match stream.message().await {
                 Ok(Some(resp)) => resp,
                 Ok(None) => {
-                    let e = broke("etcd closed the watch".into(), endpoint);
+                    let e = broke("etcd closed the watch".into(), ErrorKind::Unavailable, endpoint);
                     self.watch = None;
                     return Err(e);
                 }
                 Err(err) => {
-                    let e = broke(cause(&err), endpoint);
+                    let e = broke(cause(&err), kind(&err), endpoint);
                     self.watch = None;
                     return Err(e);
                 }
             };
             if resp.canceled() {
-                let e = broke(format!("etcd cancelled the watch: {}", resp.cancel_reason()), endpoint);
+                let reason = resp.cancel_reason().trim_start_matches("etcdserver: ").to_string();
+                let k = if resp.compact_revision() > 0 {
+                    ErrorKind::Compacted
+                } else {
+                    classify(&reason)
+                };
+                let e = broke(format!("etcd cancelled the watch: {reason}"), k, endpoint);
                 self.watch = None;
                 return Err(e);
             }
-            let gone: Vec<String> = resp
+            let events: Vec<Event> = resp
                 .events()
                 .iter()
-                .filter(|e| e.event_type() == EventType::Delete)
-                .filter_map(|e| e.kv().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()))
+                .filter_map(|e| {
+                    e.kv().map(|kv| Event {
+                        put: e.event_type() == EventType::Put,
+                        kv: from_kv(kv),
+                    })
+                })
                 .collect();
-            if !gone.is_empty() {
-                return Ok(gone);
+            if !events.is_empty() {
+                return Ok(events);
             }
         }
     }
 
     fn unwatch(&mut self) {
         self.watch = None;
+    }
+
+    fn forget(&mut self, lease: LeaseId) {
+        self.keepers.remove(&lease.0);
     }
 
     fn endpoint(&self) -> &str {

@@ -1,41 +1,129 @@
-//! An in-memory registry with leases that expire on tokio's clock. It is for
-//! unit tests of timing logic (with paused time); it proves nothing about
-//! etcd itself, which the integration tests exercise.
+//! A model of etcd for unit tests of timing logic, on tokio's clock (so
+//! paused time drives its leases). It behaves like etcd where the engine's
+//! correctness depends on it, and refuses what etcd refuses:
+//!
+//! - one revision per transaction that changes something, shared by all its
+//!   operations, nested ones included; keys keep their create and mod
+//!   revisions, version and lease; reads at a past revision see that past;
+//! - at most [`MAX_TXN_OPS`] operations in a transaction, a nested one
+//!   counting against what its parent leaves; a key put twice (or put and
+//!   deleted) in one transaction is refused; a put on a lease etcd does not
+//!   have fails the whole transaction;
+//! - leases granted with a chosen id (refused when it exists), kept alive
+//!   by id, expiring on the clock and deleting their keys in one revision;
+//! - watches from a start revision replay the history from there (a
+//!   future one waits for it), a compacted one is cancelled;
+//! - faults: unreachable (every request fails), hung (no request answers),
+//!   restarted (watches break, leases are renewed), wiped (all data gone,
+//!   revisions start again at 1).
+//!
+//! `tests/it/model.rs` runs the same operations against this model and a
+//! real etcd and compares the answers. It proves nothing about etcd itself.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use tokio::sync::mpsc;
+use super::{
+    Compare, ErrorKind, Etcd, Event, Granted, KeyValue, LeaseId, Op, OpResult, Range, RegistryError, Target, Txn,
+    TxnResult, MAX_TXN_OPS,
+};
 
-use super::{HeldElsewhere, LeaseId, Registry, RegistryError, SharedPresent};
+type WatchItem = Result<Vec<Event>, RegistryError>;
 
-#[derive(Debug, Default)]
-struct Store {
-    /// key → (value, lease; 0 for none)
-    keys: BTreeMap<String, (String, i64)>,
-    /// lease → (expiry, ttl)
-    leases: HashMap<i64, (Instant, Duration)>,
-    next_lease: i64,
-    /// Revisions written, as etcd would count them.
-    revisions: u64,
-    /// While set, every operation fails as an unreachable etcd would.
-    unreachable: bool,
-    /// Calls by operation name.
-    calls: HashMap<&'static str, u64>,
-    /// Open watches: the keys, and where their deletions go.
-    watches: Vec<(Vec<String>, mpsc::UnboundedSender<String>)>,
+#[derive(Debug)]
+struct Watcher {
+    ranges: Vec<Range>,
+    deletes_only: bool,
+    /// The next revision this watcher is to see.
+    next: i64,
+    tx: mpsc::UnboundedSender<WatchItem>,
 }
 
-impl Store {
+#[derive(Debug)]
+struct State {
+    revision: i64,
+    compacted: i64,
+    /// Every key's versions, oldest first; `None` is a deletion.
+    versions: BTreeMap<String, Vec<(i64, Option<KeyValue>)>>,
+    /// Every change, in revision order, since the last compaction.
+    history: Vec<Event>,
+    /// lease → (granted TTL, expiry)
+    leases: BTreeMap<i64, (Duration, Instant)>,
+    next_lease: i64,
+    watchers: Vec<Watcher>,
+    unreachable: bool,
+    hung: bool,
+    calls: HashMap<&'static str, u64>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            revision: 1,
+            compacted: 0,
+            versions: BTreeMap::new(),
+            history: Vec::new(),
+            leases: BTreeMap::new(),
+            next_lease: 0x1000,
+            watchers: Vec::new(),
+            unreachable: false,
+            hung: false,
+            calls: HashMap::new(),
+        }
+    }
+}
+
+fn error(op: &'static str, kind: ErrorKind, cause: &str) -> RegistryError {
+    RegistryError {
+        op,
+        endpoint: "model".into(),
+        cause: cause.into(),
+        kind,
+    }
+}
+
+impl State {
+    fn current(&self, key: &str) -> Option<&KeyValue> {
+        self.versions.get(key)?.last()?.1.as_ref()
+    }
+
+    fn at(&self, key: &str, revision: i64) -> Option<&KeyValue> {
+        self.versions
+            .get(key)?
+            .iter()
+            .rev()
+            .find(|(r, _)| *r <= revision)?
+            .1
+            .as_ref()
+    }
+
+    fn live_keys(&self, range: &Range, revision: i64) -> Vec<KeyValue> {
+        let keys: Box<dyn Iterator<Item = &String>> = match range {
+            Range::Key(k) => Box::new(self.versions.get_key_value(k).map(|(k, _)| k).into_iter()),
+            Range::Prefix(p) => Box::new(
+                self.versions
+                    .range(p.clone()..)
+                    .map(|(k, _)| k)
+                    .take_while(|k| k.starts_with(p.as_str())),
+            ),
+        };
+        keys.filter_map(|k| self.at(k, revision).cloned()).collect()
+    }
+
+    /// Expires every lease past its time, each in a revision of its own.
     fn expire(&mut self) {
+        if self.hung {
+            return;
+        }
         let now = Instant::now();
         let dead: Vec<i64> = self
             .leases
             .iter()
-            .filter(|(_, (t, _))| *t <= now)
+            .filter(|(_, (_, at))| *at <= now)
             .map(|(&id, _)| id)
             .collect();
         for id in dead {
@@ -43,244 +131,526 @@ impl Store {
         }
     }
 
+    fn next_expiry(&self) -> Option<Instant> {
+        self.leases.values().map(|(_, at)| *at).min()
+    }
+
     fn drop_lease(&mut self, id: i64) {
         self.leases.remove(&id);
-        let gone: Vec<String> = self
-            .keys
+        let keys: Vec<String> = self
+            .versions
             .iter()
-            .filter(|(_, (_, l))| *l == id)
+            .filter(|(_, v)| v.last().and_then(|(_, kv)| kv.as_ref()).is_some_and(|kv| kv.lease == id))
             .map(|(k, _)| k.clone())
             .collect();
-        if !gone.is_empty() {
-            self.revisions += 1;
+        if keys.is_empty() {
+            return;
         }
-        for k in gone {
-            self.delete(&k);
+        let rev = self.revision + 1;
+        for k in keys {
+            self.write_delete(&k, rev);
+        }
+        self.commit(rev);
+    }
+
+    fn write_delete(&mut self, key: &str, rev: i64) -> bool {
+        if self.current(key).is_none() {
+            return false;
+        }
+        self.versions.entry(key.to_string()).or_default().push((rev, None));
+        self.history.push(Event {
+            put: false,
+            kv: KeyValue {
+                key: key.to_string(),
+                mod_revision: rev,
+                ..KeyValue::default()
+            },
+        });
+        true
+    }
+
+    fn write_put(&mut self, key: &str, value: &str, lease: i64, rev: i64) {
+        let kv = match self.current(key) {
+            Some(old) => KeyValue {
+                key: key.to_string(),
+                value: value.to_string(),
+                create_revision: old.create_revision,
+                mod_revision: rev,
+                version: old.version + 1,
+                lease,
+            },
+            None => KeyValue {
+                key: key.to_string(),
+                value: value.to_string(),
+                create_revision: rev,
+                mod_revision: rev,
+                version: 1,
+                lease,
+            },
+        };
+        let versions = self.versions.entry(key.to_string()).or_default();
+        // A second write in one revision replaces the first (etcd refuses
+        // those before they get here; a revoke's deletes are distinct keys).
+        if versions.last().is_some_and(|(r, _)| *r == rev) {
+            versions.pop();
+        }
+        versions.push((rev, Some(kv.clone())));
+        self.history.push(Event { put: true, kv });
+    }
+
+    /// Makes revision `rev` current and tells the watchers.
+    fn commit(&mut self, rev: i64) {
+        self.revision = rev;
+        self.deliver();
+    }
+
+    fn deliver(&mut self) {
+        let history = &self.history;
+        self.watchers.retain_mut(|w| {
+            let mut batch: Vec<Event> = Vec::new();
+            let mut ok = true;
+            for e in history.iter().filter(|e| e.kv.mod_revision >= w.next) {
+                if let Some(last) = batch.last() {
+                    if last.kv.mod_revision != e.kv.mod_revision {
+                        ok &= w.tx.send(Ok(std::mem::take(&mut batch))).is_ok();
+                    }
+                }
+                if (!w.deletes_only || !e.put) && w.ranges.iter().any(|r| r.contains(&e.kv.key)) {
+                    batch.push(e.clone());
+                }
+            }
+            if !batch.is_empty() {
+                ok &= w.tx.send(Ok(batch)).is_ok();
+            }
+            w.next = w.next.max(history.last().map_or(0, |e| e.kv.mod_revision + 1));
+            ok
+        });
+    }
+
+    /// A compare, against the store before the transaction (etcd decides
+    /// every branch, nested ones too, before it applies anything).
+    fn compare(&self, c: &Compare) -> bool {
+        let kv = self.at(&c.key, self.revision);
+        let empty = KeyValue::default();
+        let kv_or_empty = kv.unwrap_or(&empty);
+        match &c.target {
+            Target::Version(v) => kv_or_empty.version == *v,
+            Target::CreateRevision(r) => kv_or_empty.create_revision == *r,
+            Target::ModRevision(r) => kv_or_empty.mod_revision == *r,
+            Target::Lease(l) => kv_or_empty.lease == *l,
+            Target::Value(v) => kv.is_some_and(|kv| kv.value == *v),
         }
     }
 
-    fn delete(&mut self, key: &str) {
-        if self.keys.remove(key).is_some() {
-            self.watches
-                .retain(|(keys, tx)| !keys.iter().any(|k| k == key) || tx.send(key.to_string()).is_ok());
+    /// Checks a branch that is about to run, as etcd does before applying
+    /// anything: leases of puts exist, revisions of reads are kept.
+    fn check(&self, ops: &[Op]) -> Result<(), RegistryError> {
+        for op in ops {
+            match op {
+                Op::Put { lease, .. } if *lease != 0 && !self.leases.contains_key(lease) => {
+                    return Err(error(
+                        "run a transaction",
+                        ErrorKind::LeaseNotFound,
+                        "requested lease not found",
+                    ))
+                }
+                Op::Get { revision, .. } if *revision > self.revision => {
+                    return Err(error(
+                        "run a transaction",
+                        ErrorKind::FutureRevision,
+                        "mvcc: required revision is a future revision",
+                    ))
+                }
+                Op::Get { revision, .. } if *revision != 0 && *revision < self.compacted => {
+                    return Err(error(
+                        "run a transaction",
+                        ErrorKind::Compacted,
+                        "mvcc: required revision has been compacted",
+                    ))
+                }
+                Op::Txn(t) => {
+                    let branch = if t.when.iter().all(|c| self.compare(c)) {
+                        &t.then
+                    } else {
+                        &t.otherwise
+                    };
+                    self.check(branch)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, txn: &Txn, rev: i64, changed: &mut bool) -> TxnResult {
+        let succeeded = txn.when.iter().all(|c| self.compare(c));
+        let ops = if succeeded { &txn.then } else { &txn.otherwise };
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            results.push(match op {
+                Op::Put { key, value, lease } => {
+                    self.write_put(key, value, *lease, rev);
+                    *changed = true;
+                    OpResult::Put
+                }
+                Op::Delete(range) => {
+                    let keys: Vec<String> = self.live_keys(range, self.revision).into_iter().map(|kv| kv.key).collect();
+                    let mut n = 0;
+                    for k in keys {
+                        if self.write_delete(&k, rev) {
+                            n += 1;
+                        }
+                    }
+                    *changed |= n > 0;
+                    OpResult::Delete(n)
+                }
+                Op::Get {
+                    range,
+                    revision,
+                    count_only,
+                } => {
+                    // A read sees the writes made before it in the transaction.
+                    let now = if *changed { rev } else { self.revision };
+                    let at = if *revision == 0 { now } else { *revision };
+                    let kvs = self.live_keys(range, at);
+                    let count = kvs.len() as i64;
+                    OpResult::Get {
+                        kvs: if *count_only { Vec::new() } else { kvs },
+                        count,
+                    }
+                }
+                Op::Txn(t) => OpResult::Txn(self.apply(t, rev, changed)),
+            });
+        }
+        TxnResult {
+            succeeded,
+            revision: 0,
+            results,
         }
     }
 }
 
-/// A shared in-memory store; clones see the same data, so a test keeps one
-/// handle to look at while the sidekick owns another. Each handle has its
-/// own watch.
+/// Counts what etcd counts: the largest of the compares, the success and
+/// the failure operations, and for each nested transaction its own count
+/// within what is left.
+fn check_size(txn: &Txn, limit: usize) -> Result<(), RegistryError> {
+    let n = txn.when.len().max(txn.then.len()).max(txn.otherwise.len());
+    if n > limit {
+        return Err(error(
+            "run a transaction",
+            ErrorKind::TooManyOps,
+            "too many operations in txn request",
+        ));
+    }
+    for op in txn.then.iter().chain(&txn.otherwise) {
+        if let Op::Txn(t) = op {
+            check_size(t, limit - n)?;
+        }
+    }
+    Ok(())
+}
+
+/// The puts and deletes of a branch, nested ones included: a key put twice,
+/// or put inside a deleted range, is refused, as etcd does.
+fn check_duplicates(ops: &[Op]) -> Result<(Vec<String>, Vec<Range>), RegistryError> {
+    let dup = || {
+        error(
+            "run a transaction",
+            ErrorKind::DuplicateKey,
+            "duplicate key given in txn request",
+        )
+    };
+    let mut puts: Vec<String> = Vec::new();
+    let mut dels: Vec<Range> = Vec::new();
+    for op in ops {
+        let (p, d) = match op {
+            Op::Put { key, .. } => (vec![key.clone()], vec![]),
+            Op::Delete(r) => (vec![], vec![r.clone()]),
+            Op::Txn(t) => {
+                let (mut p1, mut d1) = check_duplicates(&t.then)?;
+                let (p2, d2) = check_duplicates(&t.otherwise)?;
+                for k in p2 {
+                    if !p1.contains(&k) {
+                        p1.push(k);
+                    }
+                }
+                d1.extend(d2);
+                (p1, d1)
+            }
+            Op::Get { .. } => continue,
+        };
+        for k in &p {
+            if puts.contains(k) || dels.iter().any(|r| r.contains(k)) {
+                return Err(dup());
+            }
+        }
+        for r in &d {
+            if puts.iter().any(|k| r.contains(k)) {
+                return Err(dup());
+            }
+        }
+        puts.extend(p);
+        dels.extend(d);
+    }
+    Ok((puts, dels))
+}
+
+/// A client of the model: clones share the store, each with its own watch.
 #[derive(Debug, Default)]
-pub struct MemoryRegistry {
-    store: Arc<Mutex<Store>>,
-    watch: Option<mpsc::UnboundedReceiver<String>>,
+pub struct Model {
+    state: Arc<Mutex<State>>,
+    watch: Option<mpsc::UnboundedReceiver<WatchItem>>,
 }
 
-impl Clone for MemoryRegistry {
+impl Clone for Model {
     fn clone(&self) -> Self {
-        MemoryRegistry {
-            store: self.store.clone(),
+        Model {
+            state: self.state.clone(),
             watch: None,
         }
     }
 }
 
-impl MemoryRegistry {
-    /// An empty store.
+impl Model {
+    /// An empty store at revision 1.
     pub fn new() -> Self {
         Self::default()
     }
 
-    fn begin(&self, op: &'static str) -> Result<std::sync::MutexGuard<'_, Store>, RegistryError> {
-        let mut s = self.store.lock().expect("store lock");
-        *s.calls.entry(op).or_default() += 1;
+    fn lock(&self) -> MutexGuard<'_, State> {
+        let mut s = self.state.lock().expect("model lock");
         s.expire();
-        if s.unreachable {
-            return Err(RegistryError {
-                op,
-                endpoint: "memory".into(),
-                cause: "unreachable".into(),
-            });
-        }
-        Ok(s)
+        s
     }
 
-    /// The value of `key` and its lease, after expiring leases.
-    pub fn get(&self, key: &str) -> Option<(String, Option<LeaseId>)> {
-        let mut s = self.store.lock().expect("store lock");
-        s.expire();
-        s.keys
-            .get(key)
-            .map(|(v, l)| (v.clone(), (*l != 0).then_some(LeaseId(*l))))
+    /// Counts the call and fails or hangs it as the faults say.
+    async fn begin(&self, op: &'static str) -> Result<MutexGuard<'_, State>, RegistryError> {
+        let hung = {
+            let mut s = self.lock();
+            *s.calls.entry(op).or_default() += 1;
+            if s.unreachable {
+                return Err(error(op, ErrorKind::Unavailable, "connection refused"));
+            }
+            s.hung
+        };
+        if hung {
+            std::future::pending::<()>().await;
+        }
+        Ok(self.lock())
+    }
+
+    fn set_watch(&mut self, rx: mpsc::UnboundedReceiver<WatchItem>) {
+        self.watch = Some(rx);
+    }
+
+    /// `key` as the store holds it now.
+    pub fn get(&self, key: &str) -> Option<KeyValue> {
+        self.lock().current(key).cloned()
+    }
+
+    /// Every key under `prefix` now, in key order.
+    pub fn keys(&self, prefix: &str) -> Vec<KeyValue> {
+        let s = self.lock();
+        s.live_keys(&Range::Prefix(prefix.to_string()), s.revision)
     }
 
     /// Writes `key` as another writer would, under `lease` (0: none).
     pub fn put_foreign(&self, key: &str, value: &str, lease: i64) {
-        let mut s = self.store.lock().expect("store lock");
-        s.keys.insert(key.into(), (value.into(), lease));
-        s.revisions += 1;
+        let mut s = self.lock();
+        let rev = s.revision + 1;
+        s.write_put(key, value, lease, rev);
+        s.commit(rev);
     }
 
     /// Deletes `key` as another writer (or etcdctl) would.
     pub fn delete(&self, key: &str) {
-        let mut s = self.store.lock().expect("store lock");
-        s.delete(key);
-        s.revisions += 1;
+        let mut s = self.lock();
+        let rev = s.revision + 1;
+        if s.write_delete(key, rev) {
+            s.commit(rev);
+        }
     }
 
-    /// Makes every operation fail (`true`) or work again (`false`).
+    /// Revokes `lease` behind its holder's back (an operator, or its loss).
+    pub fn revoke_lease(&self, lease: LeaseId) {
+        self.lock().drop_lease(lease.0);
+    }
+
+    /// The leases etcd has now.
+    pub fn leases(&self) -> Vec<LeaseId> {
+        self.lock().leases.keys().map(|&id| LeaseId(id)).collect()
+    }
+
+    /// Makes every request fail at once, as a refused connection, and ends
+    /// the watches (`true`), or answer again (`false`).
     pub fn set_unreachable(&self, unreachable: bool) {
-        self.store.lock().expect("store lock").unreachable = unreachable;
+        let mut s = self.lock();
+        s.unreachable = unreachable;
+        if unreachable {
+            s.watchers.clear();
+        }
     }
 
-    /// Forgets everything, as an etcd whose data dir was wiped.
+    /// Makes every request wait for ever, as a frozen etcd (`true`), or
+    /// answer again (`false`); the callers' time limits end the waits.
+    pub fn set_hung(&self, hung: bool) {
+        self.lock().hung = hung;
+    }
+
+    /// A restart with the data kept: watches break, and every lease is
+    /// renewed to its full TTL (as a new leader does).
+    pub fn restart(&self) {
+        let mut s = self.lock();
+        s.watchers.clear();
+        let now = Instant::now();
+        for (ttl, at) in s.leases.values_mut() {
+            *at = now + *ttl;
+        }
+    }
+
+    /// Forgets everything, as an etcd whose data dir was wiped: revisions
+    /// start again at 1.
     pub fn wipe(&self) {
-        let mut s = self.store.lock().expect("store lock");
-        s.keys.clear();
-        s.leases.clear();
-        s.watches.clear();
+        let mut s = self.lock();
+        let calls = std::mem::take(&mut s.calls);
+        let (unreachable, hung) = (s.unreachable, s.hung);
+        *s = State {
+            calls,
+            unreachable,
+            hung,
+            ..State::default()
+        };
     }
 
-    /// Revisions written so far.
-    pub fn revisions(&self) -> u64 {
-        self.store.lock().expect("store lock").revisions
+    /// Compacts the history up to `revision`.
+    pub fn compact(&self, revision: i64) {
+        let mut s = self.lock();
+        s.compacted = revision;
+        s.history.retain(|e| e.kv.mod_revision >= revision);
+        for versions in s.versions.values_mut() {
+            // Keep the newest version at or before the compaction point.
+            let keep = versions.iter().rposition(|(r, _)| *r <= revision).unwrap_or(0);
+            versions.drain(..keep);
+        }
+        s.versions.retain(|_, v| !(v.len() == 1 && v[0].1.is_none()));
     }
 
-    /// How many times `op` (`grant`, `keep_alive`, `put`, `revoke`) was called.
+    /// The store's revision.
+    pub fn revision(&self) -> i64 {
+        self.lock().revision
+    }
+
+    /// How many times `op` was asked for: `grant`, `keep_alive`, `revoke`,
+    /// `txn`, `watch`.
     pub fn calls(&self, op: &str) -> u64 {
-        self.store
-            .lock()
-            .expect("store lock")
-            .calls
-            .get(op)
-            .copied()
-            .unwrap_or(0)
+        self.lock().calls.get(op).copied().unwrap_or(0)
     }
 }
 
-impl Registry for MemoryRegistry {
-    async fn grant(&mut self, ttl: Duration) -> Result<LeaseId, RegistryError> {
-        let mut s = self.begin("grant")?;
-        s.next_lease += 1;
-        let id = s.next_lease;
-        s.leases.insert(id, (Instant::now() + ttl, ttl));
-        Ok(LeaseId(id))
-    }
-
-    async fn keep_alive(&mut self, lease: LeaseId) -> Result<bool, RegistryError> {
-        let mut s = self.begin("keep_alive")?;
-        match s.leases.get_mut(&lease.0) {
-            Some((expiry, ttl)) => {
-                *expiry = Instant::now() + *ttl;
-                Ok(true)
+impl Etcd for Model {
+    async fn grant(&mut self, ttl: Duration, id: Option<LeaseId>) -> Result<Granted, RegistryError> {
+        let mut s = self.begin("grant").await?;
+        let id = match id {
+            Some(id) if s.leases.contains_key(&id.0) => {
+                return Err(error("grant a lease", ErrorKind::LeaseExists, "lease already exists"))
             }
-            None => Ok(false),
-        }
-    }
-
-    async fn put(
-        &mut self,
-        lease: LeaseId,
-        keys: &[(String, String)],
-        takeover: bool,
-    ) -> Result<Vec<HeldElsewhere>, RegistryError> {
-        let mut s = self.begin("put")?;
-        if !s.leases.contains_key(&lease.0) {
-            return Err(RegistryError {
-                op: "put",
-                endpoint: "memory".into(),
-                cause: "requested lease not found".into(),
-            });
-        }
-        let mut held = Vec::new();
-        for (k, v) in keys {
-            match s.keys.get(k) {
-                Some((_, l)) if !takeover && *l != lease.0 => held.push(HeldElsewhere {
-                    key: k.clone(),
-                    holder: (*l != 0).then_some(LeaseId(*l)),
-                }),
-                _ => {
-                    s.keys.insert(k.clone(), (v.clone(), lease.0));
-                    s.revisions += 1;
-                }
-            }
-        }
-        Ok(held)
-    }
-
-    async fn revoke(&mut self, lease: LeaseId) -> Result<(), RegistryError> {
-        let mut s = self.begin("revoke")?;
-        s.drop_lease(lease.0);
-        Ok(())
-    }
-
-    async fn withdraw_keys(&mut self, lease: LeaseId, keys: &[String]) -> Result<usize, RegistryError> {
-        let mut s = self.begin("withdraw_keys")?;
-        let ours: Vec<String> = keys
-            .iter()
-            .filter(|k| s.keys.get(k.as_str()).is_some_and(|(_, l)| *l == lease.0))
-            .cloned()
-            .collect();
-        for k in &ours {
-            s.delete(k);
-        }
-        if !ours.is_empty() {
-            s.revisions += 1;
-        }
-        Ok(ours.len())
-    }
-
-    async fn put_shared(
-        &mut self,
-        lease: LeaseId,
-        keys: &[(String, String)],
-    ) -> Result<(Vec<SharedPresent>, i64), RegistryError> {
-        let mut s = self.begin("put_shared")?;
-        if !s.leases.contains_key(&lease.0) {
-            return Err(RegistryError {
-                op: "put_shared",
-                endpoint: "memory".into(),
-                cause: "requested lease not found".into(),
-            });
-        }
-        let mut present = Vec::new();
-        for (k, v) in keys {
-            match s.keys.get(k) {
-                Some((value, l)) => present.push(SharedPresent {
-                    key: k.clone(),
-                    value: value.clone(),
-                    holder: (*l != 0).then_some(LeaseId(*l)),
-                }),
-                None => {
-                    s.keys.insert(k.clone(), (v.clone(), lease.0));
-                    s.revisions += 1;
-                }
-            }
-        }
-        Ok((present, s.revisions as i64))
-    }
-
-    async fn watch_deleted(&mut self, keys: &[String], _from: i64) -> Result<(), RegistryError> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.begin("watch")?.watches.push((keys.to_vec(), tx));
-        self.watch = Some(rx);
-        Ok(())
-    }
-
-    async fn deleted(&mut self) -> Result<Vec<String>, RegistryError> {
-        let Some(rx) = self.watch.as_mut() else {
-            return std::future::pending().await;
-        };
-        match rx.recv().await {
-            Some(key) => Ok(vec![key]),
-            // The store dropped the watch (wiped): as a broken etcd watch.
+            Some(id) => id.0,
             None => {
-                self.watch = None;
-                Err(RegistryError {
-                    op: "watch",
-                    endpoint: "memory".into(),
-                    cause: "watch closed".into(),
-                })
+                s.next_lease += 1;
+                s.next_lease
+            }
+        };
+        s.leases.insert(id, (ttl, Instant::now() + ttl));
+        Ok(Granted { id: LeaseId(id), ttl })
+    }
+
+    async fn keep_alive(&mut self, lease: LeaseId) -> Result<Option<Duration>, RegistryError> {
+        let mut s = self.begin("keep_alive").await?;
+        Ok(s.leases.get_mut(&lease.0).map(|(ttl, at)| {
+            *at = Instant::now() + *ttl;
+            *ttl
+        }))
+    }
+
+    async fn revoke(&mut self, lease: LeaseId) -> Result<bool, RegistryError> {
+        let mut s = self.begin("revoke").await?;
+        if !s.leases.contains_key(&lease.0) {
+            return Ok(false);
+        }
+        s.drop_lease(lease.0);
+        Ok(true)
+    }
+
+    async fn txn(&mut self, txn: Txn) -> Result<TxnResult, RegistryError> {
+        let mut s = self.begin("txn").await?;
+        check_size(&txn, MAX_TXN_OPS)?;
+        check_duplicates(&txn.then)?;
+        check_duplicates(&txn.otherwise)?;
+        s.check(&[Op::Txn(txn.clone())])?;
+        let rev = s.revision + 1;
+        let mut changed = false;
+        let mut result = s.apply(&txn, rev, &mut changed);
+        if changed {
+            s.commit(rev);
+        }
+        result.revision = s.revision;
+        set_revision(&mut result, s.revision);
+        Ok(result)
+    }
+
+    async fn watch(&mut self, ranges: &[Range], from: i64, deletes_only: bool) -> Result<(), RegistryError> {
+        self.watch = None;
+        let mut s = self.begin("watch").await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let next = if from == 0 { s.revision + 1 } else { from };
+        if next < s.compacted {
+            let _ = tx.send(Err(error(
+                "watch the keys",
+                ErrorKind::Compacted,
+                "etcd cancelled the watch: mvcc: required revision has been compacted",
+            )));
+        } else {
+            s.watchers.push(Watcher {
+                ranges: ranges.to_vec(),
+                deletes_only,
+                next,
+                tx,
+            });
+            s.deliver();
+        }
+        drop(s);
+        self.set_watch(rx);
+        Ok(())
+    }
+
+    async fn watched(&mut self) -> Result<Vec<Event>, RegistryError> {
+        loop {
+            let Some(rx) = self.watch.as_mut() else {
+                return std::future::pending().await;
+            };
+            let expiry = self.state.lock().expect("model lock").next_expiry();
+            tokio::select! {
+                item = rx.recv() => {
+                    return match item {
+                        Some(Ok(events)) => Ok(events),
+                        Some(Err(e)) => {
+                            self.watch = None;
+                            Err(e)
+                        }
+                        None => {
+                            self.watch = None;
+                            Err(error("watch the keys", ErrorKind::Unavailable, "etcd closed the watch"))
+                        }
+                    };
+                }
+                // Leases expire on the clock: the watch drives that, so a
+                // watcher hears of an expiry even while nobody calls.
+                _ = tokio::time::sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
+                    drop(self.lock());
+                }
             }
         }
     }
@@ -289,7 +659,97 @@ impl Registry for MemoryRegistry {
         self.watch = None;
     }
 
+    fn forget(&mut self, _lease: LeaseId) {}
+
     fn endpoint(&self) -> &str {
-        "memory"
+        "model"
+    }
+}
+
+fn set_revision(t: &mut TxnResult, revision: i64) {
+    t.revision = revision;
+    for r in &mut t.results {
+        if let OpResult::Txn(n) = r {
+            set_revision(n, revision);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(k: &str, v: &str) -> Op {
+        Op::put(k, v, 0)
+    }
+
+    fn txn(then: Vec<Op>) -> Txn {
+        Txn {
+            then,
+            ..Txn::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_revision_per_transaction_and_none_for_reads() {
+        let mut m = Model::new();
+        let r = m.txn(txn(vec![put("a", "1"), put("b", "2")])).await.unwrap();
+        assert_eq!(r.revision, 2);
+        assert_eq!(m.get("a").unwrap().mod_revision, 2);
+        let r = m.txn(txn(vec![Op::get(Range::Prefix(String::new()))])).await.unwrap();
+        assert_eq!(r.revision, 2);
+        let r = m.txn(txn(vec![Op::Delete(Range::Key("zz".into()))])).await.unwrap();
+        assert_eq!(r.revision, 2, "deleting nothing changes nothing");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_limit_counts_nested_operations_against_the_parent() {
+        let mut m = Model::new();
+        let nested = |k: String| {
+            Op::Txn(Txn {
+                when: vec![Compare::new(&k, Target::Version(0))],
+                then: vec![put(&k, "v")],
+                otherwise: vec![],
+            })
+        };
+        let ok: Vec<Op> = (0..127).map(|i| nested(format!("k{i}"))).collect();
+        m.txn(txn(ok)).await.unwrap();
+        let too_many: Vec<Op> = (0..128).map(|i| nested(format!("n{i}"))).collect();
+        assert_eq!(m.txn(txn(too_many)).await.unwrap_err().kind, ErrorKind::TooManyOps);
+        let flat: Vec<Op> = (0..129).map(|i| put(&format!("f{i}"), "v")).collect();
+        assert_eq!(m.txn(txn(flat)).await.unwrap_err().kind, ErrorKind::TooManyOps);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_from_a_past_revision_replays_and_a_compacted_one_is_cancelled() {
+        let mut m = Model::new();
+        m.txn(txn(vec![put("/a", "1")])).await.unwrap();
+        m.txn(txn(vec![put("/a", "2")])).await.unwrap();
+        let mut w = m.clone();
+        w.watch(&[Range::Prefix("/".into())], 2, false).await.unwrap();
+        assert_eq!(w.watched().await.unwrap()[0].kv.value, "1");
+        assert_eq!(w.watched().await.unwrap()[0].kv.value, "2");
+        m.compact(3);
+        w.watch(&[Range::Prefix("/".into())], 2, false).await.unwrap();
+        assert_eq!(w.watched().await.unwrap_err().kind, ErrorKind::Compacted);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_expires_on_the_clock_and_a_watcher_hears_it() {
+        let mut m = Model::new();
+        let g = m.grant(Duration::from_secs(3), Some(LeaseId(7))).await.unwrap();
+        assert_eq!(
+            m.grant(Duration::from_secs(3), Some(LeaseId(7))).await.unwrap_err().kind,
+            ErrorKind::LeaseExists
+        );
+        m.txn(txn(vec![Op::put("/k", "v", g.id.0)])).await.unwrap();
+        let mut w = m.clone();
+        w.watch(&[Range::Key("/k".into())], 0, true).await.unwrap();
+        let gone = w.watched().await.unwrap();
+        assert!(!gone[0].put);
+        assert_eq!(m.get("/k"), None);
+        assert_eq!(m.keep_alive(g.id).await.unwrap(), None);
+        let e = m.txn(txn(vec![Op::put("/k", "v", g.id.0)])).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::LeaseNotFound);
     }
 }

@@ -1,22 +1,34 @@
-//! Where the keys live: the operations the sidekick needs from etcd.
+//! Where the keys live: etcd, seen through the few requests this project
+//! makes of it.
 //!
-//! [`EtcdRegistry`] is the real thing; an in-memory fake with lease expiry
-//! on tokio's clock (`MemoryRegistry`, built for unit tests only) stands in
-//! for it in the unit tests of timing logic.
+//! [`Etcd`] is etcd's own shape (leases, transactions, watches), so the
+//! composite operations in [`ops`] (put only where absent, withdraw what our
+//! lease still holds, shared keys in one revision, split at etcd's limit of
+//! operations per transaction) are written once and run unchanged against
+//! both implementations: [`EtcdRegistry`], the real thing over gRPC, and
+//! [`memory::Model`], a model of etcd on tokio's clock for unit tests of
+//! timing logic. The model refuses what etcd refuses (too many operations,
+//! a duplicate key, a lease it does not have, a compacted revision) and
+//! keeps revisions and history, so a watch from a revision replays what
+//! etcd would; `tests/it/model.rs` runs the same operations against both
+//! and compares the answers.
 
 mod etcd;
-#[cfg(test)]
-mod memory;
+pub mod memory;
+pub mod ops;
 
 use std::fmt;
 use std::time::Duration;
 
 pub use etcd::{connect_options, EtcdRegistry};
-#[cfg(test)]
-pub use memory::MemoryRegistry;
+
+/// etcd's default limit on the operations of one transaction
+/// (`--max-txn-ops`); a nested transaction counts its own operations
+/// against what its parent leaves.
+pub const MAX_TXN_OPS: usize = 128;
 
 /// An etcd lease id; shown in hex, as etcdctl does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LeaseId(pub i64);
 
 impl fmt::Display for LeaseId {
@@ -25,27 +37,208 @@ impl fmt::Display for LeaseId {
     }
 }
 
-/// A key that another lease (or a permanent write) holds, so it was left alone.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeldElsewhere {
+/// A key as etcd keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KeyValue {
     /// The key.
     pub key: String,
-    /// The lease holding it; `None` for a key without a lease.
-    pub holder: Option<LeaseId>,
-}
-
-/// A shared key found present by a put-if-absent, so left as it was.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SharedPresent {
-    /// The key.
-    pub key: String,
-    /// Its value there.
+    /// Its value (lossy UTF-8).
     pub value: String,
-    /// The lease holding it; `None` for a permanent key.
-    pub holder: Option<LeaseId>,
+    /// The revision that created it (since its last deletion).
+    pub create_revision: i64,
+    /// The revision of its last change.
+    pub mod_revision: i64,
+    /// Writes since its creation.
+    pub version: i64,
+    /// The lease holding it; 0 for none.
+    pub lease: i64,
 }
 
-/// Why an etcd operation failed. Every such failure is retried.
+/// The keys a request covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Range {
+    /// One key.
+    Key(String),
+    /// Every key starting with this (raw prefix).
+    Prefix(String),
+}
+
+impl Range {
+    /// Whether `key` is in the range.
+    pub fn contains(&self, key: &str) -> bool {
+        match self {
+            Range::Key(k) => k == key,
+            Range::Prefix(p) => key.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// What a compare looks at; always compared for equality.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Writes since creation; 0 when the key does not exist.
+    Version(i64),
+    /// The creating revision; 0 when the key does not exist.
+    CreateRevision(i64),
+    /// The last change's revision; 0 when the key does not exist.
+    ModRevision(i64),
+    /// The lease holding the key; 0 for none or no key.
+    Lease(i64),
+    /// The value; never equal when the key does not exist.
+    Value(String),
+}
+
+/// One condition of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compare {
+    /// The key compared.
+    pub key: String,
+    /// What must equal what.
+    pub target: Target,
+}
+
+impl Compare {
+    /// `key`'s `target` equals the given value.
+    pub fn new(key: &str, target: Target) -> Self {
+        Compare {
+            key: key.to_string(),
+            target,
+        }
+    }
+}
+
+/// One operation of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Puts a key, under a lease (0 for none).
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// The lease; 0 for none.
+        lease: i64,
+    },
+    /// Deletes every key in the range.
+    Delete(Range),
+    /// Reads the range at `revision` (0: the transaction's).
+    Get {
+        /// What to read.
+        range: Range,
+        /// The revision to read at; 0 for the current one.
+        revision: i64,
+        /// Only count the keys.
+        count_only: bool,
+    },
+    /// A nested transaction.
+    Txn(Txn),
+}
+
+impl Op {
+    /// Puts `key` = `value` under `lease` (0: none).
+    pub fn put(key: &str, value: &str, lease: i64) -> Self {
+        Op::Put {
+            key: key.to_string(),
+            value: value.to_string(),
+            lease,
+        }
+    }
+
+    /// Reads `range` now.
+    pub fn get(range: Range) -> Self {
+        Op::Get {
+            range,
+            revision: 0,
+            count_only: false,
+        }
+    }
+}
+
+/// A transaction: when every compare holds, `then`, else `otherwise`, all
+/// at one revision.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Txn {
+    /// Conditions, all of which must hold.
+    pub when: Vec<Compare>,
+    /// Operations when they hold.
+    pub then: Vec<Op>,
+    /// Operations when one does not.
+    pub otherwise: Vec<Op>,
+}
+
+/// The answer to one operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpResult {
+    /// A put was done.
+    Put,
+    /// A delete was done: how many keys it removed.
+    Delete(i64),
+    /// What a read found, and how many keys matched.
+    Get {
+        /// The keys (empty with `count_only`).
+        kvs: Vec<KeyValue>,
+        /// How many keys matched.
+        count: i64,
+    },
+    /// A nested transaction's answer.
+    Txn(TxnResult),
+}
+
+/// The answer to a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnResult {
+    /// Whether the compares held (`then` ran).
+    pub succeeded: bool,
+    /// The store's revision after the transaction.
+    pub revision: i64,
+    /// One answer per operation of the branch that ran.
+    pub results: Vec<OpResult>,
+}
+
+/// A granted lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Granted {
+    /// Its id.
+    pub id: LeaseId,
+    /// The TTL etcd gave it.
+    pub ttl: Duration,
+}
+
+/// A change seen by a watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// A put (`true`) or a delete.
+    pub put: bool,
+    /// The key after the change; a deletion has only the key and its
+    /// `mod_revision` (the deleting revision).
+    pub kv: KeyValue,
+}
+
+/// Why an etcd request failed, as far as a caller branches on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// No answer, a broken connection, no leader: try again, maybe on
+    /// another endpoint.
+    Unavailable,
+    /// The lease named does not exist (expired, revoked, etcd lost it).
+    LeaseNotFound,
+    /// A lease with the asked-for id exists already.
+    LeaseExists,
+    /// More operations in a transaction than etcd allows.
+    TooManyOps,
+    /// A key put twice, or put and deleted, in one transaction.
+    DuplicateKey,
+    /// The revision asked for was compacted away.
+    Compacted,
+    /// The revision asked for is in the future.
+    FutureRevision,
+    /// Refused: authentication, permission, certificate.
+    Denied,
+    /// Anything else.
+    Other,
+}
+
+/// Why an etcd operation failed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("could not {op} at {endpoint}: {cause}")]
 pub struct RegistryError {
@@ -55,69 +248,60 @@ pub struct RegistryError {
     pub endpoint: String,
     /// What went wrong.
     pub cause: String,
+    /// The cause, for callers that branch on it.
+    pub kind: ErrorKind,
 }
 
 impl RegistryError {
     /// Adds the keys being written to the cause, so that a refusal (no
     /// permission for a prefix, say) names them.
-    pub fn writing(mut self, keys: &[(String, String)]) -> Self {
-        let names: Vec<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
+    pub fn writing<'a>(mut self, keys: impl IntoIterator<Item = &'a str>) -> Self {
+        let names: Vec<&str> = keys.into_iter().collect();
         self.cause = format!("{} (writing {})", self.cause, names.join(", "));
+        self
+    }
+
+    /// The same error for another operation.
+    pub fn during(mut self, op: &'static str) -> Self {
+        self.op = op;
         self
     }
 }
 
-/// The etcd operations of one sidekick. Each call is one attempt; the caller
-/// bounds its time, retries and backs off.
+/// etcd's requests, as this project makes them. Each call is one attempt;
+/// the caller bounds its time, retries and backs off.
 #[allow(async_fn_in_trait)]
-pub trait Registry {
-    /// Grants a lease of `ttl`.
-    async fn grant(&mut self, ttl: Duration) -> Result<LeaseId, RegistryError>;
+pub trait Etcd {
+    /// Grants a lease of `ttl`, with the id `id` when given; a lease with
+    /// that id existing already is [`ErrorKind::LeaseExists`].
+    async fn grant(&mut self, ttl: Duration, id: Option<LeaseId>) -> Result<Granted, RegistryError>;
 
-    /// Refreshes `lease`. `Ok(false)` means etcd no longer has it (expired,
-    /// revoked, or etcd lost its data).
-    async fn keep_alive(&mut self, lease: LeaseId) -> Result<bool, RegistryError>;
+    /// Refreshes `lease`; `Ok(None)` when etcd does not have it, else the
+    /// TTL etcd keeps it for.
+    async fn keep_alive(&mut self, lease: LeaseId) -> Result<Option<Duration>, RegistryError>;
 
-    /// Puts `keys` under `lease`. With `takeover` every key is written
-    /// whoever holds it; without, a key held by another lease or written
-    /// without one is left alone and returned.
-    async fn put(
-        &mut self,
-        lease: LeaseId,
-        keys: &[(String, String)],
-        takeover: bool,
-    ) -> Result<Vec<HeldElsewhere>, RegistryError>;
+    /// Revokes `lease`, deleting the keys attached to it in one revision;
+    /// `Ok(false)` when etcd did not have it.
+    async fn revoke(&mut self, lease: LeaseId) -> Result<bool, RegistryError>;
 
-    /// Revokes `lease`, deleting exactly the keys still attached to it. A
-    /// lease that no longer exists counts as revoked.
-    async fn revoke(&mut self, lease: LeaseId) -> Result<(), RegistryError>;
+    /// Runs one transaction.
+    async fn txn(&mut self, txn: Txn) -> Result<TxnResult, RegistryError>;
 
-    /// Deletes each of `keys` that `lease` still holds, in one transaction
-    /// (one revision): a key another writer holds now is left alone.
-    /// Returns how many were deleted.
-    async fn withdraw_keys(&mut self, lease: LeaseId, keys: &[String]) -> Result<usize, RegistryError>;
+    /// Watches `ranges` from revision `from` on (deletions only with
+    /// `deletes_only`), on one stream, replacing any earlier watch.
+    async fn watch(&mut self, ranges: &[Range], from: i64, deletes_only: bool) -> Result<(), RegistryError>;
 
-    /// Puts each shared key that does not exist (compared by creation
-    /// revision, one transaction a key) under `lease`, and never touches one
-    /// that does. Returns the keys found present, and the revision at which
-    /// all were checked, from which a watch misses nothing.
-    async fn put_shared(
-        &mut self,
-        lease: LeaseId,
-        keys: &[(String, String)],
-    ) -> Result<(Vec<SharedPresent>, i64), RegistryError>;
-
-    /// Watches `keys` for deletion from revision `from` on, on one stream,
-    /// replacing any earlier watch.
-    async fn watch_deleted(&mut self, keys: &[String], from: i64) -> Result<(), RegistryError>;
-
-    /// Waits for watched keys to be deleted and returns them. Never returns
-    /// while nothing is watched; an error means the watch broke (etcd
-    /// restarted, say) and must be set up again.
-    async fn deleted(&mut self) -> Result<Vec<String>, RegistryError>;
+    /// The next events of the watch, in revision order. Never returns
+    /// while nothing is watched; an error means the watch ended (etcd
+    /// restarted, compacted past it, cancelled it) and is gone.
+    async fn watched(&mut self) -> Result<Vec<Event>, RegistryError>;
 
     /// Stops watching.
     fn unwatch(&mut self);
+
+    /// Forgets the keep-alive stream of `lease`, if any (we no longer keep
+    /// it alive).
+    fn forget(&mut self, lease: LeaseId);
 
     /// The endpoint in use, for logs and status.
     fn endpoint(&self) -> &str;

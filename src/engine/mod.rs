@@ -1,0 +1,832 @@
+//! The one engine: services in, keys in etcd out. `sidekick run` is this
+//! engine with one service whose withdrawal revokes its lease
+//! ([`Policy::Revoke`]); `sidekick agent` is it with many services under
+//! one process lease, each withdrawn by a transaction that deletes only the
+//! keys our lease still holds ([`Policy::PerKey`]).
+//!
+//! Each service has a probe loop ([`probe_loop`]) that publishes its health
+//! state and wakes the registrar; the registrar follows every state. Its
+//! order of work is a priority, not a queue:
+//!
+//! 1. the keep-alive of the process lease (every TTL/3);
+//! 2. withdrawals of services that went down;
+//! 3. everything else: keys of services removed by a reload, shared keys
+//!    (their service leases' grants and keep-alives, the put of absent
+//!    ones), the grant of the process lease, registrations.
+//!
+//! Each step retries with its own backoff: one that etcd refuses (no
+//! permission for a prefix, a key held elsewhere) never holds up the
+//! others. An etcd that does not answer holds up every step alike (one
+//! backoff for all, capped at the shortest interval), and the next attempt
+//! goes to the most urgent step. Every call is bounded by min(dial
+//! timeout, TTL/3), so no step blocks the others for longer than that.
+//!
+//! Shared keys are held jointly ([`shared`]): each under a service lease
+//! whose id every declaring instance computes alike, joined with a
+//! keep-alive while a service declaring it is up, never revoked, so an
+//! instance leaving changes nothing in etcd for the others.
+
+pub mod probe_loop;
+pub mod shared;
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn, Instrument};
+
+pub use probe_loop::Check;
+
+use crate::config::{ProbeSpec, Timing};
+use crate::health::State;
+use crate::hooks::Hooks;
+use crate::notify::Notice;
+use crate::registry::ops::{self, HeldElsewhere};
+use crate::registry::{ErrorKind, Etcd, LeaseId, Range, RegistryError};
+use crate::status::{Board, Pulse};
+use probe_loop::{probe_loop, Context, Publish};
+use support::{stop_revoke, wait_for, Held, SharedNotes, Step, Trouble};
+
+/// Probes in flight at once across all services.
+const PROBES_AT_ONCE: usize = 64;
+
+/// How a service that goes down leaves etcd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Revoke the lease: its keys go with it (`run`: one service a lease).
+    Revoke,
+    /// Delete each of the service's keys that our lease still holds, in
+    /// one transaction; the lease stays for the other services (agent).
+    PerKey,
+}
+
+/// One service, checked: keys, shared keys, probe and timing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// Its name: the `service` label of its metrics (`run`: its KEY).
+    pub name: String,
+    /// The file it came from (agent), for messages.
+    pub file: PathBuf,
+    /// The service's own keys: `key` and every `extra`.
+    pub keys: Vec<(String, String)>,
+    /// Service-level keys held jointly with every instance declaring them.
+    pub shared: Vec<(String, String)>,
+    /// How it is probed; `None` keeps it registered unconditionally.
+    pub probe: Option<ProbeSpec>,
+    /// Probe timing (the TTL is the engine's).
+    pub timing: Timing,
+}
+
+/// How the engine runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The process lease's TTL, also the TTL of the service leases it grants.
+    pub ttl: Duration,
+    /// Bound on the final revoke (the dial timeout).
+    pub stop_timeout: Duration,
+    /// How a service that goes down is withdrawn.
+    pub policy: Policy,
+}
+
+/// Where a reload comes from: a signal counter and the loader it calls.
+pub struct Reload {
+    /// Goes up on every SIGHUP.
+    pub signal: watch::Receiver<u64>,
+    /// Reads the configuration again; an error keeps the running one.
+    pub load: Box<dyn Fn() -> Result<Vec<Service>, String>>,
+}
+
+/// Builds a service's probe; `Ok(None)` for a service without one.
+pub type Build<'a, P> = &'a dyn Fn(&Service) -> Result<Option<P>, String>;
+
+/// The process lease, while we have one.
+#[derive(Debug)]
+struct Own {
+    id: LeaseId,
+    refresh_at: Instant,
+    ttl: Duration,
+}
+
+/// One service while the engine runs it.
+struct Running {
+    spec: Service,
+    state: watch::Receiver<State>,
+    stop: CancellationToken,
+    board: Option<Arc<Board>>,
+    pulse: Arc<Pulse>,
+    /// All its keys are in etcd under the process lease.
+    registered: bool,
+    /// Some of its keys may be in etcd (a put was tried).
+    partly: bool,
+    /// When keys held elsewhere are tried again.
+    put_at: Instant,
+    /// The first registration takes its keys over.
+    takeover: bool,
+    held: Held,
+    step: Step,
+}
+
+impl Running {
+    fn wants_up(&self) -> bool {
+        *self.state.borrow() == State::Up
+    }
+
+    fn keys(&self) -> Vec<String> {
+        self.spec.keys.iter().map(|(k, _)| k.clone()).collect()
+    }
+}
+
+/// A shared key we want present, and its service lease.
+#[derive(Debug)]
+struct SharedKey {
+    value: String,
+    lease: LeaseId,
+    /// When its service lease is next kept alive; `None` until we granted
+    /// or joined it.
+    refresh_at: Option<Instant>,
+    step: Step,
+}
+
+/// What the registrar does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Action {
+    KeepAlive,
+    Withdraw(String),
+    Retire,
+    KeepShared(String),
+    JoinShared(String),
+    PutShared,
+    Grant,
+    Put(String),
+}
+
+struct Engine<'a, R: Etcd, P: Check> {
+    settings: &'a Settings,
+    hooks: &'a Hooks,
+    build: Build<'a, P>,
+    reg: R,
+    lease: Option<Own>,
+    /// The process lease's grant and keep-alive.
+    own: Step,
+    /// One backoff for all when etcd does not answer.
+    global: Step,
+    services: BTreeMap<String, Running>,
+    /// Keys of services removed or changed by a reload, still to withdraw.
+    retired: Vec<String>,
+    retire_step: Step,
+    shared: BTreeMap<String, SharedKey>,
+    /// Absent shared keys are to be put.
+    shared_due: bool,
+    shared_step: Step,
+    watching: Vec<String>,
+    notes: SharedNotes,
+    trouble: Trouble,
+    wake: Arc<Notify>,
+    permits: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    ready: bool,
+}
+
+/// Runs `services` until `shutdown`: registers each while it is healthy,
+/// withdraws it when it is not, applies a reload when one comes, and at the
+/// end stops probing and revokes the process lease (bounded by the stop
+/// timeout; the shared keys' service leases are left to the others).
+/// Returns whether any service was registered when the stop came.
+pub async fn run<R: Etcd, P: Check>(
+    settings: &Settings,
+    services: Vec<Service>,
+    build: Build<'_, P>,
+    registry: R,
+    hooks: &Hooks,
+    shutdown: CancellationToken,
+    reload: Option<Reload>,
+) -> bool {
+    let cap = services
+        .iter()
+        .map(|s| s.timing.interval)
+        .min()
+        .unwrap_or(Duration::from_secs(1));
+    let mut engine = Engine {
+        settings,
+        hooks,
+        build,
+        reg: registry,
+        lease: None,
+        own: Step::new(cap),
+        global: Step::new(cap),
+        services: BTreeMap::new(),
+        retired: Vec::new(),
+        retire_step: Step::new(cap),
+        shared: BTreeMap::new(),
+        shared_due: false,
+        shared_step: Step::new(cap),
+        watching: Vec::new(),
+        notes: SharedNotes::default(),
+        trouble: Trouble::default(),
+        wake: Arc::new(Notify::new()),
+        permits: Arc::new(Semaphore::new(PROBES_AT_ONCE)),
+        shutdown: shutdown.clone(),
+        ready: false,
+    };
+    let spread = services.len() > 1;
+    for s in services {
+        engine.start(s, spread);
+    }
+    engine.registrar(reload).await;
+
+    // Shutdown order: stop probing, say so, revoke the process lease
+    // (bounded); the caller then drains.
+    for s in engine.services.values() {
+        s.stop.cancel();
+    }
+    hooks.notify(Notice::Stopping);
+    let registered = engine.services.values().any(|s| s.registered || s.partly);
+    for k in engine.shared.values() {
+        engine.reg.forget(k.lease);
+    }
+    if let Some(own) = engine.lease.take() {
+        stop_revoke(&mut engine.reg, own.id, settings.stop_timeout).await;
+    }
+    registered
+}
+
+impl<R: Etcd, P: Check> Engine<'_, R, P> {
+    /// Starts a service's probe loop: at a random phase of its interval
+    /// when `spread` (many services starting together), else at once.
+    fn start(&mut self, spec: Service, spread: bool) {
+        let has_probe = spec.probe.is_some();
+        let (tx, rx) = watch::channel(if has_probe { State::Starting } else { State::Up });
+        let stop = self.shutdown.child_token();
+        let timeout = spec.probe.as_ref().map_or(Duration::ZERO, |p| p.timeout);
+        let pulse = Arc::new(Pulse::new(spec.timing.interval, timeout));
+        let board = self.hooks.add_board(&spec.name, keys_of(&spec), pulse.clone());
+        let probe = match (self.build)(&spec) {
+            Ok(p) => p.map(Arc::new),
+            Err(e) => {
+                // Validation builds every probe first; this is a backstop.
+                error!(service = %spec.name, "{e}; the service stays unregistered");
+                tx.send_replace(State::Down);
+                None
+            }
+        };
+        let cx = Context {
+            board: board.clone(),
+            pulse: has_probe.then(|| pulse.clone()),
+            notifier: if self.services.is_empty() && !spread {
+                self.hooks.notifier.clone()
+            } else {
+                None
+            },
+            maintenance_file: self.hooks.maintenance_file.clone(),
+            maintenance_switch: self.hooks.maintenance_switch.clone(),
+            phase: if spread {
+                spec.timing.interval.mul_f64(fastrand::f64())
+            } else {
+                Duration::ZERO
+            },
+            permits: Some(self.permits.clone()),
+        };
+        if probe.is_some() || !has_probe {
+            let out = Publish {
+                tx,
+                wake: self.wake.clone(),
+            };
+            let span = tracing::info_span!("service", name = %spec.name);
+            tokio::spawn(probe_loop(probe, spec.timing.clone(), out, cx, stop.clone()).instrument(span));
+        }
+        debug!(service = %spec.name, "service started");
+        let cap = spec.timing.interval;
+        self.services.insert(
+            spec.name.clone(),
+            Running {
+                spec,
+                state: rx,
+                stop,
+                board,
+                pulse,
+                registered: false,
+                partly: false,
+                put_at: Instant::now(),
+                takeover: true,
+                held: Held::default(),
+                step: Step::new(cap),
+            },
+        );
+        self.wake.notify_one();
+    }
+
+    /// Stops a service; its keys, if it may have any in etcd, are
+    /// withdrawn next.
+    fn retire(&mut self, name: &str) {
+        if let Some(s) = self.services.remove(name) {
+            s.stop.cancel();
+            if s.registered || s.partly {
+                self.retired.extend(s.keys());
+            }
+            if let Some(b) = &s.board {
+                self.hooks.remove_board(b);
+            }
+        }
+    }
+
+    /// Applies a new configuration: only the difference is written.
+    fn apply(&mut self, new: Vec<Service>) {
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        let (mut added, mut removed, mut changed) = (0, 0, 0);
+        for name in &names {
+            if !new.iter().any(|s| &s.name == name) {
+                info!(service = %name, "reload: service removed; withdrawing it");
+                self.retire(name);
+                removed += 1;
+            }
+        }
+        for spec in new {
+            match self.services.get(&spec.name) {
+                Some(old) if old.spec == spec => {}
+                Some(_) => {
+                    info!(service = %spec.name, "reload: service changed; registering it anew");
+                    self.retire(&spec.name);
+                    self.start(spec, false);
+                    changed += 1;
+                }
+                None => {
+                    info!(service = %spec.name, "reload: service added");
+                    self.start(spec, false);
+                    added += 1;
+                }
+            }
+        }
+        info!(added, removed, changed, "configuration reloaded");
+    }
+
+    /// The shared keys we want: those of every service that is up.
+    fn sync_shared(&mut self) {
+        let mut wanted: BTreeMap<&str, &str> = BTreeMap::new();
+        for s in self.services.values().filter(|s| s.wants_up()) {
+            for (k, v) in &s.spec.shared {
+                wanted.insert(k, v);
+            }
+        }
+        let gone: Vec<String> = self
+            .shared
+            .iter()
+            .filter(|(k, sk)| wanted.get(k.as_str()) != Some(&sk.value.as_str()))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            // Never revoked: while another instance declares it, the key
+            // stays without a write; after the last, it expires.
+            if let Some(sk) = self.shared.remove(&k) {
+                debug!(key = %k, lease = %sk.lease, "no service here declares the shared key now; no longer keeping its lease alive");
+                self.reg.forget(sk.lease);
+            }
+        }
+        let cap = self.global_cap();
+        for (k, v) in wanted {
+            if !self.shared.contains_key(k) {
+                self.shared.insert(
+                    k.to_string(),
+                    SharedKey {
+                        value: v.to_string(),
+                        lease: shared::lease_id(k, v),
+                        refresh_at: None,
+                        step: Step::new(cap),
+                    },
+                );
+            }
+        }
+        if self.shared.is_empty() && !self.watching.is_empty() {
+            self.reg.unwatch();
+            self.watching.clear();
+        }
+    }
+
+    fn global_cap(&self) -> Duration {
+        self.services
+            .values()
+            .map(|s| s.spec.timing.interval)
+            .min()
+            .unwrap_or(Duration::from_secs(1))
+    }
+
+    /// The most urgent action due now, else the one due first.
+    fn next_action(&self) -> Option<(Action, Instant)> {
+        let now = Instant::now();
+        let g = self.global.not_before;
+        let due = |step: &Step, at: Instant| step.due(at).max(g);
+        let mut cands: Vec<(Action, Instant)> = Vec::new();
+        if let Some(own) = &self.lease {
+            cands.push((Action::KeepAlive, due(&self.own, own.refresh_at)));
+            for (name, s) in &self.services {
+                if (s.registered || s.partly) && !s.wants_up() {
+                    cands.push((Action::Withdraw(name.clone()), due(&s.step, now)));
+                }
+            }
+            if !self.retired.is_empty() {
+                cands.push((Action::Retire, due(&self.retire_step, now)));
+            }
+        }
+        for (k, sk) in &self.shared {
+            match sk.refresh_at {
+                Some(at) => cands.push((Action::KeepShared(k.clone()), due(&sk.step, at))),
+                None => cands.push((Action::JoinShared(k.clone()), due(&sk.step, now))),
+            }
+        }
+        if self.shared_due && self.shared.values().any(|sk| sk.refresh_at.is_some()) {
+            cands.push((Action::PutShared, due(&self.shared_step, now)));
+        }
+        match &self.lease {
+            None if self.services.values().any(|s| s.wants_up()) => {
+                cands.push((Action::Grant, due(&self.own, now)));
+            }
+            None => {}
+            Some(_) => {
+                for (name, s) in &self.services {
+                    if s.wants_up() && !s.registered {
+                        cands.push((Action::Put(name.clone()), due(&s.step, s.put_at)));
+                    }
+                }
+            }
+        }
+        if let Some(c) = cands.iter().find(|(_, at)| *at <= now) {
+            return Some(c.clone());
+        }
+        cands.into_iter().min_by_key(|(_, at)| *at)
+    }
+
+    /// When the registrar must turn by itself: the watchdog's period, and
+    /// the beat of services without a probe (their loop is this one).
+    fn tick_every(&self) -> Option<Duration> {
+        let beat = if self.hooks.boards.is_some() {
+            self.services
+                .values()
+                .filter(|s| s.spec.probe.is_none())
+                .map(|s| s.spec.timing.interval)
+                .min()
+        } else {
+            None
+        };
+        match (self.hooks.watchdog, beat) {
+            (Some(w), Some(b)) => Some(w.min(b)),
+            (w, b) => w.or(b),
+        }
+    }
+
+    /// One turn of the loop that does the work: beats for the services
+    /// without a probe, and `WATCHDOG=1` when every probe loop is alive.
+    fn tick(&self) {
+        for s in self.services.values().filter(|s| s.spec.probe.is_none()) {
+            s.pulse.beat();
+        }
+        if self.hooks.watchdog.is_some() && self.services.values().all(|s| s.pulse.alive()) {
+            self.hooks.notify(Notice::Watchdog);
+        }
+    }
+
+    async fn registrar(&mut self, mut reload: Option<Reload>) {
+        let mut tick_at = self.tick_every().map(|every| Instant::now() + every);
+        loop {
+            self.settle();
+            self.sync_shared();
+            let next = self.next_action();
+            let watching = !self.watching.is_empty();
+            let action = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = self.wake.notified() => continue,
+                changed = async { reload.as_mut().expect("checked").signal.changed().await }, if reload.is_some() => {
+                    match changed {
+                        Ok(()) => {
+                            let r = reload.as_ref().expect("checked");
+                            match (r.load)() {
+                                Ok(new) => self.apply(new),
+                                Err(e) => error!("reload refused, the running configuration stays: {e}"),
+                            }
+                            tick_at = self.tick_every().map(|every| Instant::now() + every);
+                        }
+                        Err(_) => reload = None,
+                    }
+                    continue;
+                }
+                _ = sleep_until(tick_at.unwrap_or_else(Instant::now)), if tick_at.is_some() => {
+                    self.tick();
+                    tick_at = self.tick_every().map(|every| Instant::now() + every);
+                    continue;
+                }
+                gone = self.reg.watched(), if watching => {
+                    match gone {
+                        Ok(events) => {
+                            let keys: Vec<&str> = events.iter().filter(|e| !e.put).map(|e| e.kv.key.as_str()).collect();
+                            info!(keys = %keys.join(","), "shared key deleted; putting it again");
+                        }
+                        Err(e) => {
+                            // Deletions may have gone unseen: check every key.
+                            self.watching.clear();
+                            self.failed(&e, None);
+                        }
+                    }
+                    self.shared_due = true;
+                    continue;
+                }
+                action = wait_for(next) => action,
+            };
+            self.tick_no_probe();
+            // A signal cancels the call in flight: the stop has a bound of
+            // its own. The watchdog keeps its rhythm during a long call.
+            let shutdown = self.shutdown.clone();
+            let (hooks, watchdog) = (self.hooks, self.hooks.watchdog);
+            let result = {
+                let mut call = pin!(self.act(&action));
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return,
+                        r = &mut call => break r,
+                        _ = sleep_until(tick_at.unwrap_or_else(Instant::now)), if watchdog.is_some() && tick_at.is_some() => {
+                            // The call in flight is this loop's work; the
+                            // probe loops are checked at the next turn.
+                            hooks.notify(Notice::Watchdog);
+                            tick_at = watchdog.map(|every| Instant::now() + every);
+                        }
+                    }
+                }
+            };
+            match result {
+                Ok(()) => {
+                    if self.trouble.clear() {
+                        info!(endpoint = %self.reg.endpoint(), "etcd answers again");
+                    }
+                    self.global.done();
+                    self.step(&action).done();
+                }
+                Err(e) => self.failed(&e, Some(&action)),
+            }
+        }
+    }
+
+    /// Services without a probe beat with this loop.
+    fn tick_no_probe(&self) {
+        for s in self.services.values().filter(|s| s.spec.probe.is_none()) {
+            s.pulse.beat();
+        }
+    }
+
+    /// An etcd failure: logged once per cause, and backed off, for every
+    /// step when etcd did not answer, else for the step alone.
+    fn failed(&mut self, e: &RegistryError, action: Option<&Action>) {
+        if self.trouble.note(e) {
+            self.hooks
+                .notify(Notice::Status(&format!("etcd unreachable, retrying: {e}")));
+        }
+        if action == Some(&Action::KeepAlive) {
+            for s in self.services.values() {
+                if let Some(b) = &s.board {
+                    b.etcd_error(true, &e.endpoint, e.to_string());
+                }
+            }
+        } else if let Some(Action::Put(name) | Action::Withdraw(name)) = action {
+            if let Some(b) = self.services.get(name).and_then(|s| s.board.as_ref()) {
+                b.etcd_error(false, &e.endpoint, e.to_string());
+            }
+        }
+        if e.kind == ErrorKind::LeaseNotFound {
+            // Which lease is gone, its keep-alive finds out, at once.
+            match action {
+                Some(Action::PutShared) => {
+                    for sk in self.shared.values_mut() {
+                        if sk.refresh_at.is_some() {
+                            sk.refresh_at = Some(Instant::now());
+                        }
+                    }
+                }
+                Some(_) => {
+                    if let Some(own) = self.lease.as_mut() {
+                        own.refresh_at = Instant::now();
+                    }
+                }
+                None => {}
+            }
+        }
+        match action {
+            Some(a) if e.kind != ErrorKind::Unavailable => self.step(a).failed(),
+            _ => self.global.failed(),
+        }
+    }
+
+    fn step(&mut self, action: &Action) -> &mut Step {
+        match action {
+            Action::KeepAlive | Action::Grant => &mut self.own,
+            Action::Retire => &mut self.retire_step,
+            Action::PutShared => &mut self.shared_step,
+            Action::KeepShared(k) | Action::JoinShared(k) => match self.shared.get_mut(k) {
+                Some(sk) => &mut sk.step,
+                None => &mut self.shared_step,
+            },
+            Action::Withdraw(name) | Action::Put(name) => match self.services.get_mut(name) {
+                Some(s) => &mut s.step,
+                None => &mut self.retire_step,
+            },
+        }
+    }
+
+    /// `READY=1` once every service's state is settled; never waits for etcd.
+    fn settle(&mut self) {
+        if !self.ready && self.services.values().all(|s| *s.state.borrow() != State::Starting) {
+            self.ready = true;
+            self.hooks.notify(Notice::Ready);
+        }
+    }
+
+    fn status_line(&self, one: impl FnOnce() -> String) {
+        if self.hooks.notifier.is_none() {
+            return;
+        }
+        let line = if self.services.len() == 1 {
+            one()
+        } else {
+            let up = self.services.values().filter(|s| s.registered).count();
+            format!("{up} of {} services registered", self.services.len())
+        };
+        self.hooks.notify(Notice::Status(&line));
+    }
+
+    /// The keys of every service went with the process lease.
+    fn lost_lease(&mut self) {
+        self.lease = None;
+        for s in self.services.values_mut() {
+            if s.registered || s.partly {
+                s.takeover = false;
+            }
+            s.registered = false;
+            s.partly = false;
+            if let Some(b) = &s.board {
+                b.withdrawn();
+                if s.spec.probe.is_none() {
+                    b.state(State::Starting.as_str());
+                }
+            }
+        }
+        self.retired.clear();
+    }
+
+    async fn act(&mut self, action: &Action) -> Result<(), RegistryError> {
+        let ttl = self.settings.ttl;
+        match action {
+            Action::Grant => {
+                let g = self.reg.grant(ttl, None).await?;
+                debug!(lease = %g.id, ttl = g.ttl.as_secs(), "lease granted");
+                self.lease = Some(Own {
+                    id: g.id,
+                    refresh_at: Instant::now() + g.ttl / 3,
+                    ttl: g.ttl,
+                });
+            }
+            Action::KeepAlive => {
+                let own = self.lease.as_ref().expect("keep-alive needs a lease");
+                let id = own.id;
+                match self.reg.keep_alive(id).await? {
+                    Some(t) => {
+                        if let Some(own) = self.lease.as_mut() {
+                            own.refresh_at = Instant::now() + t / 3;
+                            own.ttl = t;
+                        }
+                        for s in self.services.values().filter(|s| s.registered) {
+                            if let Some(b) = &s.board {
+                                b.kept_alive();
+                            }
+                        }
+                    }
+                    None => {
+                        warn!(lease = %id, "lease expired or was lost in etcd; registering every healthy service again");
+                        self.lost_lease();
+                        self.status_line(|| "lease lost in etcd, registering again".to_string());
+                    }
+                }
+            }
+            Action::Withdraw(name) => {
+                let id = self.lease.as_ref().expect("withdraw needs a lease").id;
+                let s = self.services.get(name).expect("a running service");
+                match self.settings.policy {
+                    Policy::Revoke => {
+                        self.reg.revoke(id).await?;
+                        info!(service = %name, lease = %id, "withdrawn: lease revoked");
+                        self.lease = None;
+                    }
+                    Policy::PerKey => {
+                        let n = ops::withdraw_keys(&mut self.reg, id, &s.keys()).await?;
+                        info!(service = %name, deleted = n, "withdrawn");
+                    }
+                }
+                let s = self.services.get_mut(name).expect("a running service");
+                s.registered = false;
+                s.partly = false;
+                if let Some(b) = &s.board {
+                    b.withdrawn();
+                }
+                self.status_line(|| format!("withdrawn, lease {id} revoked"));
+            }
+            Action::Retire => {
+                let id = self.lease.as_ref().expect("retire needs a lease").id;
+                let keys = self.retired.clone();
+                ops::withdraw_keys(&mut self.reg, id, &keys).await?;
+                info!(keys = %keys.join(","), "withdrawn after the reload");
+                self.retired.retain(|k| !keys.contains(k));
+                self.status_line(String::new);
+            }
+            Action::JoinShared(k) => {
+                let sk = self.shared.get(k).expect("a wanted shared key");
+                let lease = sk.lease;
+                let ttl = match self.reg.grant(ttl, Some(lease)).await {
+                    Ok(g) => {
+                        debug!(key = %k, lease = %lease, "service lease granted");
+                        Some(g.ttl)
+                    }
+                    // Another instance holds it: join it.
+                    Err(e) if e.kind == ErrorKind::LeaseExists => {
+                        let t = self.reg.keep_alive(lease).await?;
+                        debug!(key = %k, lease = %lease, "service lease joined");
+                        t
+                    }
+                    Err(e) => return Err(e.writing([k.as_str()])),
+                };
+                // Gone between the grant and the keep-alive: try again.
+                if let (Some(t), Some(sk)) = (ttl, self.shared.get_mut(k)) {
+                    sk.refresh_at = Some(Instant::now() + t / 3);
+                    self.shared_due = true;
+                }
+            }
+            Action::KeepShared(k) => {
+                let lease = self.shared.get(k).expect("a wanted shared key").lease;
+                let t = self.reg.keep_alive(lease).await?;
+                let sk = self.shared.get_mut(k).expect("a wanted shared key");
+                match t {
+                    Some(t) => sk.refresh_at = Some(Instant::now() + t / 3),
+                    None => {
+                        info!(key = %k, lease = %lease, "the shared key's service lease expired; granting it again");
+                        sk.refresh_at = None;
+                        self.shared_due = true;
+                    }
+                }
+            }
+            Action::PutShared => {
+                let keys: Vec<(String, String, LeaseId)> = self
+                    .shared
+                    .iter()
+                    .filter(|(_, sk)| sk.refresh_at.is_some())
+                    .map(|(k, sk)| (k.clone(), sk.value.clone(), sk.lease))
+                    .collect();
+                let (present, revision) = ops::put_shared(&mut self.reg, &keys).await?;
+                let shared = &self.shared;
+                self.notes
+                    .found(&present, |k| shared.get(k).map(|sk| sk.value.clone()));
+                let names: Vec<String> = keys.iter().map(|(k, _, _)| k.clone()).collect();
+                if names != self.watching {
+                    let ranges: Vec<Range> = names.iter().map(|k| Range::Key(k.clone())).collect();
+                    self.reg.watch(&ranges, revision + 1, true).await?;
+                    self.watching = names;
+                }
+                self.shared_due = false;
+            }
+            Action::Put(name) => {
+                let id = self.lease.as_ref().expect("put needs a lease").id;
+                let own_ttl = self.lease.as_ref().map_or(ttl, |l| l.ttl);
+                let s = self.services.get_mut(name).expect("a running service");
+                // Whatever the answer, some keys may now be in etcd.
+                s.partly = true;
+                let elsewhere: Vec<HeldElsewhere> = ops::put_keys(&mut self.reg, id, &s.spec.keys, s.takeover).await?;
+                let endpoint = self.reg.endpoint().to_string();
+                let s = self.services.get_mut(name).expect("a running service");
+                s.held.update(name, &s.spec.keys, &elsewhere);
+                if elsewhere.is_empty() {
+                    s.registered = true;
+                    s.takeover = false;
+                    let keys = s.keys().join(",");
+                    info!(service = %name, lease = %id, keys = %keys, endpoint = %endpoint, "registered");
+                    if let Some(b) = &s.board {
+                        b.registered(id, own_ttl, &endpoint);
+                        if s.spec.probe.is_none() {
+                            b.state(State::Up.as_str());
+                        }
+                    }
+                    self.status_line(|| format!("registered {keys}, lease {id}"));
+                } else {
+                    // Try the held keys again each interval.
+                    s.put_at = Instant::now() + s.spec.timing.interval;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn keys_of(spec: &Service) -> Vec<String> {
+    spec.keys.iter().map(|(k, _)| k.clone()).collect()
+}
+
+#[cfg(test)]
+mod tests;
