@@ -15,7 +15,11 @@ pub fn on_signals(hangup: bool) -> std::io::Result<CancellationToken> {
     let token = CancellationToken::new();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = if hangup { Some(signal(SignalKind::hangup())?) } else { None };
+    let mut hup = if hangup {
+        Some(signal(SignalKind::hangup())?)
+    } else {
+        None
+    };
     let cancel = token.clone();
     tokio::spawn(async move {
         let mut next = async || {

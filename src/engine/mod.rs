@@ -99,11 +99,11 @@ pub struct Reload {
     /// Goes up on every SIGHUP.
     pub signal: watch::Receiver<u64>,
     /// Reads the configuration again; an error keeps the running one.
-    pub load: Box<dyn Fn() -> Result<Vec<Service>, String>>,
+    pub load: Box<dyn Fn() -> Result<Vec<Service>, String> + Send + Sync>,
 }
 
 /// Builds a service's probe; `Ok(None)` for a service without one.
-pub type Build<'a, P> = &'a dyn Fn(&Service) -> Result<Option<P>, String>;
+pub type Build<'a, P> = &'a (dyn Fn(&Service) -> Result<Option<P>, String> + Sync);
 
 /// The process lease, while we have one.
 #[derive(Debug)]
@@ -782,8 +782,7 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
                     .collect();
                 let (present, revision) = ops::put_shared(&mut self.reg, &keys).await?;
                 let shared = &self.shared;
-                self.notes
-                    .found(&present, |k| shared.get(k).map(|sk| sk.value.clone()));
+                self.notes.found(&present, |k| shared.get(k).map(|sk| sk.value.clone()));
                 let names: Vec<String> = keys.iter().map(|(k, _, _)| k.clone()).collect();
                 if names != self.watching {
                     let ranges: Vec<Range> = names.iter().map(|k| Range::Key(k.clone())).collect();

@@ -25,7 +25,10 @@ mod tests {
         // printf '/services/web/host_port=8080\n' | sha256sum | cut -c1-16
         let id = lease_id("/services/web/host_port", "8080");
         let hex = std::process::Command::new("sh")
-            .args(["-c", "printf '/services/web/host_port=8080\\n' | sha256sum | cut -c1-16"])
+            .args([
+                "-c",
+                "printf '/services/web/host_port=8080\\n' | sha256sum | cut -c1-16",
+            ])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default();

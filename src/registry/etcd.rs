@@ -13,7 +13,9 @@ use etcd_client::{
 };
 use tracing::debug;
 
-use super::{ErrorKind, Etcd, Event, Granted, KeyValue, LeaseId, Op, OpResult, Range, RegistryError, Target, TxnResult};
+use super::{
+    ErrorKind, Etcd, Event, Granted, KeyValue, LeaseId, Op, OpResult, Range, RegistryError, Target, TxnResult,
+};
 use crate::config::EtcdSettings;
 
 /// Builds the connection options, reading the TLS files now so that a
@@ -357,7 +359,9 @@ impl Etcd for EtcdRegistry {
                     Ok(Some(Duration::from_secs(resp.ttl() as u64)))
                 }
                 Ok((_, _, Some(_))) => Ok(None),
-                Ok((_, _, None)) => Err(self.fail(OP, "etcd closed the keep-alive stream".into(), ErrorKind::Unavailable)),
+                Ok((_, _, None)) => {
+                    Err(self.fail(OP, "etcd closed the keep-alive stream".into(), ErrorKind::Unavailable))
+                }
                 Err(e) if e.kind == ErrorKind::LeaseNotFound => Ok(None),
                 Err(e) => Err(e),
             };

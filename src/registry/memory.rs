@@ -57,6 +57,9 @@ struct State {
     watchers: Vec<Watcher>,
     unreachable: bool,
     hung: bool,
+    /// Writes under these prefixes are refused, as a role without
+    /// permission for them would be.
+    denied: Vec<String>,
     calls: HashMap<&'static str, u64>,
 }
 
@@ -72,6 +75,7 @@ impl Default for State {
             watchers: Vec::new(),
             unreachable: false,
             hung: false,
+            denied: Vec::new(),
             calls: HashMap::new(),
         }
     }
@@ -140,7 +144,11 @@ impl State {
         let keys: Vec<String> = self
             .versions
             .iter()
-            .filter(|(_, v)| v.last().and_then(|(_, kv)| kv.as_ref()).is_some_and(|kv| kv.lease == id))
+            .filter(|(_, v)| {
+                v.last()
+                    .and_then(|(_, kv)| kv.as_ref())
+                    .is_some_and(|kv| kv.lease == id)
+            })
             .map(|(k, _)| k.clone())
             .collect();
         if keys.is_empty() {
@@ -294,7 +302,11 @@ impl State {
                     OpResult::Put
                 }
                 Op::Delete(range) => {
-                    let keys: Vec<String> = self.live_keys(range, self.revision).into_iter().map(|kv| kv.key).collect();
+                    let keys: Vec<String> = self
+                        .live_keys(range, self.revision)
+                        .into_iter()
+                        .map(|kv| kv.key)
+                        .collect();
                     let mut n = 0;
                     for k in keys {
                         if self.write_delete(&k, rev) {
@@ -497,6 +509,12 @@ impl Model {
         self.lock().hung = hung;
     }
 
+    /// Refuses every write under `prefix` from now on (etcd's answer to a
+    /// role without write permission there).
+    pub fn deny(&self, prefix: &str) {
+        self.lock().denied.push(prefix.to_string());
+    }
+
     /// A restart with the data kept: watches break, and every lease is
     /// renewed to its full TTL (as a new leader does).
     pub fn restart(&self) {
@@ -513,11 +531,15 @@ impl Model {
     pub fn wipe(&self) {
         let mut s = self.lock();
         let calls = std::mem::take(&mut s.calls);
-        let (unreachable, hung) = (s.unreachable, s.hung);
+        let (unreachable, hung, denied) = (s.unreachable, s.hung, std::mem::take(&mut s.denied));
+        // Lease ids are not reused, as etcd's (member id and time) are not.
+        let next_lease = s.next_lease;
         *s = State {
             calls,
+            next_lease,
             unreachable,
             hung,
+            denied,
             ..State::default()
         };
     }
@@ -586,6 +608,16 @@ impl Etcd for Model {
         check_size(&txn, MAX_TXN_OPS)?;
         check_duplicates(&txn.then)?;
         check_duplicates(&txn.otherwise)?;
+        if writes(&txn)
+            .iter()
+            .any(|k| s.denied.iter().any(|p| k.starts_with(p.as_str())))
+        {
+            return Err(error(
+                "run a transaction",
+                ErrorKind::Denied,
+                "permission denied (permission denied)",
+            ));
+        }
         s.check(&[Op::Txn(txn.clone())])?;
         let rev = s.revision + 1;
         let mut changed = false;
@@ -666,6 +698,19 @@ impl Etcd for Model {
     }
 }
 
+/// Every key a transaction may write, in either branch.
+fn writes(txn: &Txn) -> Vec<&str> {
+    let mut keys = Vec::new();
+    for op in txn.then.iter().chain(&txn.otherwise) {
+        match op {
+            Op::Put { key, .. } | Op::Delete(Range::Key(key) | Range::Prefix(key)) => keys.push(key.as_str()),
+            Op::Txn(t) => keys.extend(writes(t)),
+            Op::Get { .. } => {}
+        }
+    }
+    keys
+}
+
 fn set_revision(t: &mut TxnResult, revision: i64) {
     t.revision = revision;
     for r in &mut t.results {
@@ -684,10 +729,7 @@ mod tests {
     }
 
     fn txn(then: Vec<Op>) -> Txn {
-        Txn {
-            then,
-            ..Txn::default()
-        }
+        Txn { then, ..Txn::default() }
     }
 
     #[tokio::test(start_paused = true)]
@@ -739,7 +781,10 @@ mod tests {
         let mut m = Model::new();
         let g = m.grant(Duration::from_secs(3), Some(LeaseId(7))).await.unwrap();
         assert_eq!(
-            m.grant(Duration::from_secs(3), Some(LeaseId(7))).await.unwrap_err().kind,
+            m.grant(Duration::from_secs(3), Some(LeaseId(7)))
+                .await
+                .unwrap_err()
+                .kind,
             ErrorKind::LeaseExists
         );
         m.txn(txn(vec![Op::put("/k", "v", g.id.0)])).await.unwrap();

@@ -63,12 +63,9 @@ pub async fn put_keys<E: Etcd>(
     if takeover {
         for chunk in keys.chunks(MAX_TXN_OPS) {
             let then = chunk.iter().map(|(k, v)| Op::put(k, v, lease.0)).collect();
-            reg.txn(Txn {
-                then,
-                ..Txn::default()
-            })
-            .await
-            .map_err(|e| e.during("put the keys").writing(chunk.iter().map(|(k, _)| k.as_str())))?;
+            reg.txn(Txn { then, ..Txn::default() })
+                .await
+                .map_err(|e| e.during("put the keys").writing(chunk.iter().map(|(k, _)| k.as_str())))?;
         }
         return Ok(held);
     }
@@ -86,10 +83,7 @@ pub async fn put_keys<E: Etcd>(
             })
             .collect();
         let r = reg
-            .txn(Txn {
-                then,
-                ..Txn::default()
-            })
+            .txn(Txn { then, ..Txn::default() })
             .await
             .map_err(|e| e.during("put the keys").writing(chunk.iter().map(|(k, _)| k.as_str())))?;
         for ((k, _), t) in chunk.iter().zip(nested(&r.results)) {
@@ -125,10 +119,7 @@ pub async fn withdraw_keys<E: Etcd>(reg: &mut E, lease: LeaseId, keys: &[String]
             })
             .collect();
         let r = reg
-            .txn(Txn {
-                then,
-                ..Txn::default()
-            })
+            .txn(Txn { then, ..Txn::default() })
             .await
             .map_err(|e| e.during("withdraw the keys"))?;
         deleted += nested(&r.results).filter(|t| t.succeeded).count();
@@ -158,13 +149,10 @@ pub async fn put_shared<E: Etcd>(
                 })
             })
             .collect();
-        let r = reg
-            .txn(Txn {
-                then,
-                ..Txn::default()
-            })
-            .await
-            .map_err(|e| e.during("put the shared keys").writing(chunk.iter().map(|(k, _, _)| k.as_str())))?;
+        let r = reg.txn(Txn { then, ..Txn::default() }).await.map_err(|e| {
+            e.during("put the shared keys")
+                .writing(chunk.iter().map(|(k, _, _)| k.as_str()))
+        })?;
         revision = revision.max(r.revision);
         for ((k, _, _), t) in chunk.iter().zip(nested(&r.results)) {
             if let (false, Some(kv)) = (t.succeeded, found(t)) {
@@ -195,10 +183,7 @@ pub async fn read_keys<E: Etcd>(reg: &mut E, keys: &[String]) -> Result<(Vec<Key
             })
             .collect();
         let r = reg
-            .txn(Txn {
-                then,
-                ..Txn::default()
-            })
+            .txn(Txn { then, ..Txn::default() })
             .await
             .map_err(|e| e.during("read the keys"))?;
         if revision == 0 {
@@ -215,16 +200,10 @@ pub async fn read_keys<E: Etcd>(reg: &mut E, keys: &[String]) -> Result<(Vec<Key
 
 /// Reads every key under each of `prefixes` in one transaction, at one
 /// revision.
-pub async fn read_prefixes<E: Etcd>(
-    reg: &mut E,
-    prefixes: &[String],
-) -> Result<(Vec<KeyValue>, i64), RegistryError> {
+pub async fn read_prefixes<E: Etcd>(reg: &mut E, prefixes: &[String]) -> Result<(Vec<KeyValue>, i64), RegistryError> {
     let then = prefixes.iter().map(|p| Op::get(Range::Prefix(p.clone()))).collect();
     let r = reg
-        .txn(Txn {
-            then,
-            ..Txn::default()
-        })
+        .txn(Txn { then, ..Txn::default() })
         .await
         .map_err(|e| e.during("read the keys"))?;
     let mut kvs: Vec<KeyValue> = r
