@@ -345,26 +345,15 @@ impl Etcd for EtcdRegistry {
         const OP: &str = "keep the lease alive";
         if !self.keepers.contains_key(&lease.0) {
             // Opening the stream sends the first keep-alive and waits for
-            // its answer; a lease etcd no longer has is reported here.
-            let opened = self
-                .call(OP, async |c| {
-                    let (keeper, mut stream) = c.lease_keep_alive(lease.0).await?;
-                    let first = stream.message().await?;
-                    Ok((keeper, stream, first))
-                })
-                .await;
-            return match opened {
-                Ok((keeper, stream, Some(resp))) if resp.ttl() > 0 => {
-                    self.keepers.insert(lease.0, (keeper, stream));
-                    Ok(Some(Duration::from_secs(resp.ttl() as u64)))
+            // its answer (a lease etcd no longer has is reported here), but
+            // keeps the TTL to itself: the round below asks again.
+            match self.call(OP, async |c| c.lease_keep_alive(lease.0).await).await {
+                Ok(pair) => {
+                    self.keepers.insert(lease.0, pair);
                 }
-                Ok((_, _, Some(_))) => Ok(None),
-                Ok((_, _, None)) => {
-                    Err(self.fail(OP, "etcd closed the keep-alive stream".into(), ErrorKind::Unavailable))
-                }
-                Err(e) if e.kind == ErrorKind::LeaseNotFound => Ok(None),
-                Err(e) => Err(e),
-            };
+                Err(e) if e.kind == ErrorKind::LeaseNotFound => return Ok(None),
+                Err(e) => return Err(e),
+            }
         }
         let (keeper, stream) = self.keepers.get_mut(&lease.0).expect("checked above");
         let round = async {

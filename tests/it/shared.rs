@@ -1,10 +1,12 @@
-//! `--shared` keys against a real etcd with two and three instances: put
-//! only where absent, never overwritten or taken over, put again by another
-//! instance when the holder goes, gone with the last one.
+//! `--shared` keys against a real etcd with two and three instances: held
+//! jointly under a service lease every instance computes alike, so no
+//! instance leaving (SIGTERM, failure, SIGKILL) writes anything; never
+//! overwritten; expired after the last one goes.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use etcd_client::{Client, EventType, WatchOptions};
+use etcd_client::Client;
+use etcd_sidekick::engine::shared::lease_id;
 
 use crate::harness::*;
 
@@ -52,68 +54,45 @@ async fn instances(etcd: &Etcd, backend: &Backend, n: usize) -> Vec<Running> {
     running
 }
 
-/// Watches `key` from now on and returns how long after its next deletion
-/// it was put again (None: not within `limit`).
-async fn gap_until_put_again(c: &mut Client, key: &str, limit: Duration) -> Option<Duration> {
-    let mut stream = c.watch(key, Some(WatchOptions::new())).await.unwrap();
-    let deadline = Instant::now() + limit;
-    let mut deleted_at = None;
-    loop {
-        let left = deadline.checked_duration_since(Instant::now())?;
-        let resp = tokio::time::timeout(left, stream.message()).await.ok()?.ok()??;
-        for e in resp.events() {
-            match (e.event_type(), deleted_at) {
-                (EventType::Delete, None) => deleted_at = Some(Instant::now()),
-                (EventType::Put, Some(at)) => return Some(at.elapsed()),
-                _ => {}
-            }
-        }
+/// The service lease of a shared key.
+fn service_lease(key: &str, value: &str) -> i64 {
+    lease_id(key, value).0
+}
+
+/// The revision that last wrote each shared key.
+async fn shared_revisions(c: &mut Client) -> [i64; 2] {
+    let mut out = [0; 2];
+    for (i, k) in [SCHEME, HOST_PORT].iter().enumerate() {
+        out[i] = get(c, k).await.unwrap_or_else(|| panic!("{k} missing")).mod_revision();
     }
+    out
 }
 
 #[tokio::test]
-async fn the_holder_withdraws_and_another_instance_puts_the_key_again_at_once() {
+async fn the_shared_keys_are_held_jointly_and_an_instance_leaving_writes_nothing() {
     let etcd = Etcd::start().await;
     let backend = Backend::start();
-    let sks = instances(&etcd, &backend, 2).await;
+    let mut sks = instances(&etcd, &backend, 2).await;
     let mut c = etcd.client(0).await;
-    let first = lease_of(&mut c, "/services/web/hosts/1").await;
-    let second = lease_of(&mut c, "/services/web/hosts/2").await;
-    for k in [SCHEME, HOST_PORT] {
-        assert_eq!(
-            lease_of(&mut c, k).await,
-            first,
-            "{k}: the first instance put it, the second left it"
-        );
-    }
+    assert_eq!(lease_of(&mut c, SCHEME).await, service_lease(SCHEME, "http"));
+    assert_eq!(lease_of(&mut c, HOST_PORT).await, service_lease(HOST_PORT, "8080"));
+    let written = shared_revisions(&mut c).await;
 
     // Steady: two instances with shared keys write nothing.
     let before = revision(&mut c).await;
     tokio::time::sleep(3 * SEC).await; // the scenario: watch for writes
     assert_eq!(revision(&mut c).await, before, "zero revisions while steady");
 
-    // The holder stops: its lease takes the shared keys, the other
-    // instance's watch puts them back within one round trip.
-    let mut watcher = etcd.client(0).await;
-    let watching = tokio::spawn(async move { gap_until_put_again(&mut watcher, SCHEME, 10 * SEC).await });
-    tokio::time::sleep(SEC / 5).await; // let the watch start
+    // One stops: its own key goes, the shared keys are not touched.
     sks[0].signal("TERM");
-    let gap = watching.await.unwrap();
-    let gap = gap.unwrap_or_else(|| panic!("put again: {}", sks[1].log()));
-    assert!(gap < SEC, "back {gap:?} after the deletion");
-    for k in [SCHEME, HOST_PORT] {
-        let (v, lease) = held(&mut c, k).await.unwrap();
-        assert_eq!(lease, second, "{k} now under the remaining instance's lease");
-        assert!(v == "http" || v == "8080");
-    }
-    assert!(
-        eventually(5 * SEC, || async { sks[1].log().contains("shared key deleted") }).await,
-        "{}",
-        sks[1].log()
-    );
+    assert!(key_becomes(&c, "/services/web/hosts/1", None, 5 * SEC).await);
+    assert_eq!(sks[0].exit_within(5 * SEC).await.unwrap().code(), Some(0));
+    tokio::time::sleep(3 * SEC).await; // longer than the TTL: the other keeps them alive
+    assert_eq!(shared_revisions(&mut c).await, written, "{}", sks[1].log());
 
-    // The last one stops: everything goes.
+    // The last one stops: the keys outlive it by at most the TTL (2 s).
     sks[1].signal("TERM");
+    assert!(key_becomes(&c, "/services/web/hosts/2", None, 5 * SEC).await);
     assert!(key_becomes(&c, SCHEME, None, 5 * SEC).await);
     assert!(key_becomes(&c, HOST_PORT, None, 5 * SEC).await);
     assert!(c
@@ -125,38 +104,29 @@ async fn the_holder_withdraws_and_another_instance_puts_the_key_again_at_once() 
 }
 
 #[tokio::test]
-async fn three_instances_keep_the_keys_until_the_last_one_goes() {
+async fn killed_and_failing_instances_change_nothing_for_the_others() {
     let etcd = Etcd::start().await;
     let backend = Backend::start();
     let sks = instances(&etcd, &backend, 3).await;
     let mut c = etcd.client(0).await;
-    let holder = lease_of(&mut c, SCHEME).await;
+    let written = shared_revisions(&mut c).await;
 
-    // The holder is killed: its lease expires (2 s TTL) and another
-    // instance puts the keys again under its own lease.
+    // Killed: its lease expires (2 s TTL) with its own key only.
     sks[0].signal("KILL");
     assert!(key_becomes(&c, "/services/web/hosts/1", None, 5 * SEC).await);
-    let moved = || async {
-        let mut c = c.clone();
-        let s = held(&mut c, SCHEME).await;
-        let h = held(&mut c, HOST_PORT).await;
-        matches!((s, h), (Some((_, a)), Some((_, b))) if a != holder && b != holder && a != 0 && b != 0)
-    };
-    assert!(eventually(2 * SEC, moved).await, "{}{}", sks[1].log(), sks[2].log());
+    tokio::time::sleep(3 * SEC).await; // longer than the TTL of every lease
+    assert_eq!(shared_revisions(&mut c).await, written, "{}", sks[1].log());
 
-    // One unhealthy instance withdraws; the keys stay with the other.
+    // Another withdraws: still nothing.
     sks[1].signal("TERM");
     assert!(key_becomes(&c, "/services/web/hosts/2", None, 5 * SEC).await);
-    assert!(eventually(2 * SEC, || async { held(&mut c.clone(), SCHEME).await.is_some() }).await);
-    let last = lease_of(&mut c, "/services/web/hosts/3").await;
-    assert!(
-        eventually(2 * SEC, || async {
-            held(&mut c.clone(), SCHEME).await.map(|(_, l)| l) == Some(last)
-        })
-        .await,
-        "{}",
-        sks[2].log()
-    );
+    assert_eq!(shared_revisions(&mut c).await, written);
+
+    // Deleted by hand while an instance is registered: back at once,
+    // under the service lease.
+    c.delete(SCHEME, None).await.unwrap();
+    assert!(key_becomes(&c, SCHEME, Some("http"), 2 * SEC).await, "{}", sks[2].log());
+    assert_eq!(lease_of(&mut c, SCHEME).await, service_lease(SCHEME, "http"));
     sks[2].signal("TERM");
     assert!(key_becomes(&c, SCHEME, None, 5 * SEC).await);
     assert!(key_becomes(&c, HOST_PORT, None, 5 * SEC).await);
@@ -207,9 +177,11 @@ async fn a_foreign_or_permanent_value_is_never_overwritten_and_warned_about_once
         "names both values: {log}"
     );
 
-    // The foreign holder goes: the instance puts its own value.
+    // The foreign holder goes: the instance puts its own value, under the
+    // service lease.
     c.lease_revoke(theirs).await.unwrap();
     assert!(key_becomes(&c, HOST_PORT, Some("8080"), 2 * SEC).await, "{log}");
+    assert_eq!(lease_of(&mut c, HOST_PORT).await, service_lease(HOST_PORT, "8080"));
 }
 
 #[tokio::test]
@@ -218,30 +190,25 @@ async fn an_etcd_restart_and_a_wipe_keep_the_invariant() {
     let backend = Backend::start();
     let sks = instances(&etcd, &backend, 2).await;
     let mut c = etcd.client(0).await;
-    let holder = lease_of(&mut c, SCHEME).await;
+    let written = shared_revisions(&mut c).await;
 
-    // Restart with the data: the same leases hold the same keys.
+    // Restart with the data: the same leases hold the same keys, unwritten.
     etcd.restart(0).await;
     let mut c = etcd.client(0).await;
     tokio::time::sleep(3 * SEC).await; // longer than the TTL: leases must be kept alive
-    assert_eq!(lease_of(&mut c, SCHEME).await, holder, "{}", sks[0].log());
+    assert_eq!(shared_revisions(&mut c).await, written, "{}", sks[0].log());
 
     // Wiped: every lease is lost; both instances register again, and the
-    // shared keys exist once more, under one of the new leases.
+    // shared keys exist once more, under their service leases.
     etcd.wipe_and_start().await;
-    let c = etcd.client(0).await;
+    let mut c = etcd.client(0).await;
     for i in 1..=2 {
         let (k, v) = (format!("/services/web/hosts/{i}"), format!("10.0.0.{i}:8080"));
         assert!(key_becomes(&c, &k, Some(&v), 10 * SEC).await, "{}", sks[i - 1].log());
     }
-    let mut c2 = c.clone();
-    let leases = [
-        lease_of(&mut c2, "/services/web/hosts/1").await,
-        lease_of(&mut c2, "/services/web/hosts/2").await,
-    ];
-    for k in [SCHEME, HOST_PORT] {
-        let l = lease_of(&mut c2, k).await;
-        assert!(leases.contains(&l), "{k} under a live instance's lease");
+    for (k, v) in [(SCHEME, "http"), (HOST_PORT, "8080")] {
+        assert!(key_becomes(&c, k, Some(v), 10 * SEC).await, "{}", sks[0].log());
+        assert_eq!(lease_of(&mut c, k).await, service_lease(k, v));
     }
 }
 
