@@ -828,4 +828,6 @@ fn keys_of(spec: &Service) -> Vec<String> {
 }
 
 #[cfg(test)]
+mod random;
+#[cfg(test)]
 mod tests;

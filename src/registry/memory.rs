@@ -60,6 +60,7 @@ struct State {
     /// Writes under these prefixes are refused, as a role without
     /// permission for them would be.
     denied: Vec<String>,
+    call_bound: Duration,
     calls: HashMap<&'static str, u64>,
 }
 
@@ -76,6 +77,7 @@ impl Default for State {
             unreachable: false,
             hung: false,
             denied: Vec::new(),
+            call_bound: Duration::from_secs(1),
             calls: HashMap::new(),
         }
     }
@@ -435,20 +437,29 @@ impl Model {
         s
     }
 
-    /// Counts the call and fails or hangs it as the faults say.
+    /// Counts the call and fails it as the faults say: at once when
+    /// unreachable, after the call bound when hung (as `EtcdRegistry`
+    /// gives up on a frozen etcd).
     async fn begin(&self, op: &'static str) -> Result<MutexGuard<'_, State>, RegistryError> {
-        let hung = {
+        let (hung, bound) = {
             let mut s = self.lock();
             *s.calls.entry(op).or_default() += 1;
             if s.unreachable {
                 return Err(error(op, ErrorKind::Unavailable, "connection refused"));
             }
-            s.hung
+            (s.hung, s.call_bound)
         };
         if hung {
-            std::future::pending::<()>().await;
+            tokio::time::sleep(bound).await;
+            return Err(error(op, ErrorKind::Unavailable, "no answer within the call bound"));
         }
         Ok(self.lock())
+    }
+
+    /// How long a call waits on a hung store before it gives up (the
+    /// caller's bound on every etcd call); 1 s unless set.
+    pub fn set_call_bound(&self, bound: Duration) {
+        self.lock().call_bound = bound;
     }
 
     fn set_watch(&mut self, rx: mpsc::UnboundedReceiver<WatchItem>) {
@@ -533,9 +544,10 @@ impl Model {
         let calls = std::mem::take(&mut s.calls);
         let (unreachable, hung, denied) = (s.unreachable, s.hung, std::mem::take(&mut s.denied));
         // Lease ids are not reused, as etcd's (member id and time) are not.
-        let next_lease = s.next_lease;
+        let (next_lease, call_bound) = (s.next_lease, s.call_bound);
         *s = State {
             calls,
+            call_bound,
             next_lease,
             unreachable,
             hung,
