@@ -288,6 +288,8 @@ impl Instance {
 /// line, and a Traefik started on the recipe's configuration that lists
 /// all of them.
 async fn service(ns: &[&str]) -> (Etcd, Client, String, Vec<Instance>, Traefik) {
+    // Before anything starts: a missing Traefik fails the test at once.
+    traefik_bin();
     let (vars, command) = documented("traefik/README.md");
     assert_eq!(vars, ["IP", "PORT", "N"]);
     let etcd = Etcd::start().await;
