@@ -388,6 +388,13 @@ pub struct Backend {
 impl Backend {
     /// Starts a healthy backend on a free port.
     pub fn start() -> Backend {
+        Self::answering("ok\n")
+    }
+
+    /// Starts a healthy backend on a free port whose 200 answers carry
+    /// `body` (its identity, say).
+    pub fn answering(body: &str) -> Backend {
+        let body = body.to_string();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let b = Backend {
@@ -409,7 +416,8 @@ impl Backend {
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                     .is_ok();
                 let ok = healthy.load(Ordering::SeqCst) && !failing;
-                std::thread::spawn(move || answer_http(&mut conn, ok, "ok\n"));
+                let body = body.clone();
+                std::thread::spawn(move || answer_http(&mut conn, ok, &body));
             }
         });
         b
@@ -668,4 +676,43 @@ impl Drop for Running {
             let _ = c.wait();
         }
     }
+}
+
+/// Bounds of the tests that put a real Traefik in front of the sidekicks
+/// (tests/it/traefik.rs). Each is a wait that only a failing test waits
+/// out, so each leaves room for a loaded 2-core machine.
+pub mod proxy {
+    use std::time::Duration;
+
+    /// Traefik started until it answers its ping: a 180 MB binary loaded
+    /// from disk and started on two busy cores.
+    pub const START: Duration = Duration::from_secs(30);
+
+    /// A change in etcd until Traefik serves it: its etcd provider applies
+    /// changes at most every `providers.providersThrottleDuration` (2 s, as
+    /// in the recipe), plus a rebuild of its routing on a busy machine.
+    pub const SYNC: Duration = Duration::from_secs(20);
+
+    /// A sidekick started until its keys are in etcd, or stopped (SIGTERM)
+    /// until they are gone, or killed (SIGKILL) until its lease (2 s TTL in
+    /// the recipes' tests) has expired: process start, fsyncs, scheduling.
+    pub const KEYS: Duration = Duration::from_secs(15);
+
+    /// A sidekick given SIGTERM until it has exited.
+    pub const EXIT: Duration = Duration::from_secs(15);
+
+    /// Traefik given SIGTERM until it has exited, before SIGKILL.
+    pub const STOP: Duration = Duration::from_secs(10);
+
+    /// Read and write timeouts of the test's own requests through Traefik
+    /// and to its API: a request that hangs fails instead of hanging.
+    pub const IO: Duration = Duration::from_secs(5);
+
+    /// Requests sent to see every registered instance answer, at most.
+    pub const ROUND: usize = 200;
+
+    /// Bounds of a client sending requests without pause: it stops by
+    /// itself after this long or this many requests, whichever is first.
+    pub const LOAD_TIME: Duration = Duration::from_secs(300);
+    pub const LOAD_REQUESTS: usize = 2_000_000;
 }

@@ -21,6 +21,7 @@ mod rollout;
 mod run;
 mod security;
 mod shared;
+mod traefik;
 mod trouble;
 mod units;
 mod wait;

@@ -1,14 +1,16 @@
 //! The CoreDNS and Traefik recipes in `examples/`: the `sidekick run` line
 //! each README documents, run as written (with a local address) against a
 //! real etcd, writes keys and values of the shape the consumer reads. The
-//! consumers themselves are not run here; the shapes follow their docs.
+//! consumers themselves are not run here: tests/it/traefik.rs runs a real
+//! Traefik on these lines; CoreDNS's shapes follow its docs.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions};
+use tempfile::TempDir;
 
 use crate::harness::*;
 
@@ -18,14 +20,14 @@ fn example(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(path)
 }
 
-fn read(path: &str) -> String {
+pub(crate) fn read(path: &str) -> String {
     std::fs::read_to_string(example(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
 /// The documented command: from the `sh` block of `readme` holding
 /// `sidekick run`, its first line (the variables, `IP=... PORT=...`) and
 /// the command with its continuation lines, which README.md must show too.
-fn documented(readme: &str) -> (Vec<String>, String) {
+pub(crate) fn documented(readme: &str) -> (Vec<String>, String) {
     let text = read(readme);
     let block = text
         .split("```sh\n")
@@ -62,10 +64,18 @@ fn documented(readme: &str) -> (Vec<String>, String) {
 /// `command` run by `sh` as the README shows it, with `vars` set, the
 /// binary under test as `sidekick`, etcd from the environment and short
 /// timings through the flags' variables (the documented line is untouched).
-struct Documented(Child);
+/// `sh` execs the sidekick, so the child is the sidekick itself; its stderr
+/// goes to a file.
+pub(crate) struct Documented {
+    child: Child,
+    log: PathBuf,
+    _dir: TempDir,
+}
 
 impl Documented {
-    fn start(command: &str, vars: &[(&str, String)], endpoints: &str) -> Documented {
+    pub(crate) fn start(command: &str, vars: &[(&str, String)], endpoints: &str) -> Documented {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("sidekick.log");
         let bin = Path::new(env!("CARGO_BIN_EXE_sidekick")).parent().unwrap();
         let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
         let mut cmd = Command::new("sh");
@@ -87,23 +97,47 @@ impl Documented {
             .env("SIDEKICK_RISE", "1")
             .env("SIDEKICK_DIAL_TIMEOUT", "1s")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        Documented(child)
+        Documented { child, log, _dir: dir }
     }
 
     /// SIGTERM (which withdraws) and wait.
-    fn stop(mut self) {
-        signal(self.0.id(), "TERM");
-        let _ = self.0.wait();
+    pub(crate) fn stop(mut self) {
+        signal(self.child.id(), "TERM");
+        let _ = self.child.wait();
+    }
+
+    /// Sends `sig` ("TERM", "KILL").
+    pub(crate) fn signal(&self, sig: &str) {
+        signal(self.child.id(), sig);
+    }
+
+    /// Waits up to `limit` for it to exit.
+    pub(crate) async fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// What it logged so far.
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
 impl Drop for Documented {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -235,9 +269,10 @@ async fn traefik_recipe_writes_servers_and_a_shared_router() {
         .skip(1)
         .take_while(|l| l.starts_with(' ') || l.is_empty())
         .filter_map(|l| l.strip_prefix("  ")?.strip_suffix(':'))
-        .filter(|n| !n.starts_with(' '))
+        .filter(|n| !n.starts_with(' ') && !n.starts_with('#'))
         .collect();
-    assert_eq!(entry_points, ["web"]);
+    // `web` for the traffic, `traefik` for the API and the ping.
+    assert_eq!(entry_points, ["web", "traefik"]);
 
     let (vars, command) = documented("traefik/README.md");
     assert_eq!(vars, ["IP", "PORT", "N"]);
