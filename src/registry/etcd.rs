@@ -228,29 +228,6 @@ impl EtcdRegistry {
         }
     }
 
-    /// Runs `f` once, trying the endpoints in turn until one answers or
-    /// `limit` has passed in all: the one-shot commands use this, so an
-    /// unreachable etcd costs them at most the dial timeout.
-    pub async fn once<T, F>(&mut self, op: &'static str, limit: Duration, f: F) -> Result<T, RegistryError>
-    where
-        F: AsyncFn(&mut Client) -> Result<T, Error>,
-    {
-        let deadline = tokio::time::Instant::now() + limit;
-        let mut tries = self.endpoints.len();
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.call_within(op, left, async |c| f(c).await).await {
-                Ok(v) => return Ok(v),
-                Err(e) => {
-                    tries -= 1;
-                    if tries == 0 || tokio::time::Instant::now() >= deadline || e.kind != ErrorKind::Unavailable {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-    }
-
     async fn call_within<T, F>(&mut self, op: &'static str, timeout: Duration, f: F) -> Result<T, RegistryError>
     where
         F: AsyncFnOnce(&mut Client) -> Result<T, Error>,
