@@ -425,7 +425,7 @@ impl Clone for Model {
 
 impl Model {
     /// The version [`Etcd::status`] reports.
-    pub const VERSION: &'static str = "model";
+    pub const VERSION: &'static str = "0.0.0-model";
 
     /// An empty store at revision 1.
     pub fn new() -> Self {
