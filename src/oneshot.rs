@@ -2,8 +2,8 @@
 //! `discover --check`. Each is a few requests through [`Etcd`], each
 //! bounded by the dial timeout; the binary hands them a one-shot
 //! [`EtcdRegistry`](crate::registry::EtcdRegistry), which tries the
-//! endpoints in turn within that bound, and the unit tests the model of
-//! etcd.
+//! endpoints in turn within that bound; the unit tests below hand them the
+//! model of etcd.
 
 use std::collections::HashMap;
 use std::time::Duration;
