@@ -221,11 +221,11 @@ fn check(args: CheckArgs) -> Result<ExitCode, Failure> {
     })
 }
 
-/// The registry and time limit of a one-shot command, checked before
-/// anything is sent.
+/// The registry of a one-shot command (each request tries the endpoints
+/// in turn within the dial timeout), checked before anything is sent.
 fn one_shot_registry(settings: &EtcdSettings) -> Result<EtcdRegistry, Failure> {
     let options = connect_options(settings).map_err(Failure::Usage)?;
-    Ok(EtcdRegistry::new(
+    Ok(EtcdRegistry::one_shot(
         settings.discovery.endpoints.clone(),
         options,
         settings.dial_timeout,

@@ -1,41 +1,39 @@
 //! The one-shot etcd commands: `announce`, `withdraw`, `list` and
-//! `discover --check`. Each is one bounded exchange with etcd: the endpoints
-//! are tried in turn, and the whole command gives up after the dial timeout.
+//! `discover --check`. Each is a few requests through [`Etcd`], each
+//! bounded by the dial timeout; the binary hands them a one-shot
+//! [`EtcdRegistry`](crate::registry::EtcdRegistry), which tries the
+//! endpoints in turn within that bound; the unit tests below hand them the
+//! model of etcd.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
-
 use crate::probe::{Outcome, Probe};
-use crate::registry::{Etcd, EtcdRegistry, LeaseId, RegistryError};
+use crate::registry::{ops, Compare, Etcd, LeaseId, Op, OpResult, Range, RegistryError, Target, Txn};
 
-/// Puts `keys` in one transaction: permanently, or under a new lease of
-/// `ttl`, whose id is returned.
-pub async fn announce(
-    reg: &mut EtcdRegistry,
+/// Puts `keys` in one transaction (split past etcd's limit): permanently,
+/// or under a new lease of `ttl`, whose id is returned. Each request is
+/// bounded by `limit`.
+pub async fn announce<R: Etcd>(
+    reg: &mut R,
     limit: Duration,
     keys: &[(String, String)],
     ttl: Option<Duration>,
 ) -> Result<Option<LeaseId>, RegistryError> {
     let lease = match ttl {
-        Some(ttl) => {
-            let secs = ttl.as_secs() as i64;
-            let granted = reg
-                .once("grant a lease", limit, async |c| c.lease_grant(secs, None).await)
-                .await?;
-            Some(LeaseId(granted.id()))
-        }
+        Some(ttl) => Some(
+            ops::within(reg, limit, "grant a lease", async |r| r.grant(ttl, None).await)
+                .await?
+                .id,
+        ),
         None => None,
     };
-    let ops = || -> Vec<TxnOp> {
-        keys.iter()
-            .map(|(k, v)| TxnOp::put(k.as_str(), v.as_str(), lease.map(|l| PutOptions::new().with_lease(l.0))))
-            .collect()
-    };
-    reg.once("put the keys", limit, async |c| c.txn(Txn::new().and_then(ops())).await)
-        .await
-        .map_err(|e| e.writing(keys.iter().map(|(k, _)| k.as_str())))?;
+    // Lease 0 is etcd's "no lease": a permanent key.
+    let under = lease.unwrap_or(LeaseId(0));
+    ops::within(reg, limit, "put the keys", async |r| {
+        ops::put_keys(r, under, keys, true).await
+    })
+    .await?;
     Ok(lease)
 }
 
@@ -57,8 +55,8 @@ pub enum AnnounceError {
 
 /// `announce` as a whole: with `wait`, first waits (up to its limit) for the
 /// probe to pass and writes nothing if it never does; then puts the keys.
-pub async fn announce_when_healthy(
-    reg: &mut EtcdRegistry,
+pub async fn announce_when_healthy<R: Etcd>(
+    reg: &mut R,
     limit: Duration,
     keys: &[(String, String)],
     ttl: Option<Duration>,
@@ -106,41 +104,40 @@ pub enum Withdrawn {
 
 /// Deletes `key` (every key under it with `prefix`); with `if_value`, only
 /// when the key still holds that value, compared and deleted in one
-/// transaction.
-pub async fn withdraw(
-    reg: &mut EtcdRegistry,
+/// transaction. The request is bounded by `limit`.
+pub async fn withdraw<R: Etcd>(
+    reg: &mut R,
     limit: Duration,
     key: &str,
     if_value: Option<&str>,
     prefix: bool,
 ) -> Result<Withdrawn, RegistryError> {
-    let Some(expected) = if_value else {
-        let opts = || prefix.then(|| DeleteOptions::new().with_prefix());
-        let resp = reg
-            .once("delete the key", limit, async |c| c.delete(key, opts()).await)
-            .await?;
-        return Ok(Withdrawn::Deleted(resp.deleted()));
+    let txn = match if_value {
+        None => {
+            let range = if prefix {
+                Range::Prefix(key.to_string())
+            } else {
+                Range::Key(key.to_string())
+            };
+            Txn {
+                then: vec![Op::Delete(range)],
+                ..Txn::default()
+            }
+        }
+        Some(expected) => Txn {
+            when: vec![Compare::new(key, Target::Value(expected.to_string()))],
+            then: vec![Op::Delete(Range::Key(key.to_string()))],
+            otherwise: vec![Op::get(Range::Key(key.to_string()))],
+        },
     };
-    let txn = || {
-        Txn::new()
-            .when([Compare::value(key, CompareOp::Equal, expected)])
-            .and_then([TxnOp::delete(key, None)])
-            .or_else([TxnOp::get(key, None)])
-    };
-    let resp = reg.once("delete the key", limit, async |c| c.txn(txn()).await).await?;
-    if resp.succeeded() {
-        return Ok(Withdrawn::Deleted(1));
-    }
-    let current = resp.op_responses().into_iter().find_map(|r| match r {
-        TxnOpResponse::Get(g) => g
-            .kvs()
-            .first()
-            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
-        _ => None,
-    });
-    Ok(match current {
-        Some(current) => Withdrawn::Kept { current },
-        None => Withdrawn::Deleted(0),
+    let r = ops::within(reg, limit, "delete the key", async |r| r.txn(txn).await).await?;
+    Ok(match r.results.into_iter().next() {
+        Some(OpResult::Delete(n)) => Withdrawn::Deleted(n),
+        Some(OpResult::Get { kvs, .. }) => match kvs.into_iter().next() {
+            Some(kv) => Withdrawn::Kept { current: kv.value },
+            None => Withdrawn::Deleted(0),
+        },
+        _ => Withdrawn::Deleted(0),
     })
 }
 
@@ -209,31 +206,34 @@ impl Entry {
 }
 
 /// Every key under `prefix` (all keys when `None`), in key order, with the
-/// remaining TTL of each lease.
-pub async fn list(reg: &mut EtcdRegistry, limit: Duration, prefix: Option<&str>) -> Result<Vec<Entry>, RegistryError> {
-    let (key, opts) = match prefix {
-        Some(p) if !p.is_empty() => (p.to_string(), GetOptions::new().with_prefix()),
-        _ => ("\0".to_string(), GetOptions::new().with_from_key()),
+/// remaining TTL of each lease. Each request is bounded by `limit`.
+pub async fn list<R: Etcd>(reg: &mut R, limit: Duration, prefix: Option<&str>) -> Result<Vec<Entry>, RegistryError> {
+    // An empty prefix is every key.
+    let range = Range::Prefix(prefix.unwrap_or_default().to_string());
+    let read = Txn {
+        then: vec![Op::get(range)],
+        ..Txn::default()
     };
-    let resp = reg
-        .once("list the keys", limit, async |c| {
-            c.get(key.as_str(), Some(opts.clone())).await
-        })
-        .await?;
+    let r = ops::within(reg, limit, "list the keys", async |r| r.txn(read).await).await?;
+    let kvs = r.results.into_iter().flat_map(|res| match res {
+        OpResult::Get { kvs, .. } => kvs,
+        _ => Vec::new(),
+    });
     let mut ttls: HashMap<i64, Option<i64>> = HashMap::new();
     let mut out = Vec::new();
-    for kv in resp.kvs() {
-        let lease = kv.lease();
+    for kv in kvs {
+        let lease = kv.lease;
         if lease != 0 && !ttls.contains_key(&lease) {
-            let ttl = reg
-                .once("read a lease", limit, async |c| c.lease_time_to_live(lease, None).await)
-                .await?;
-            // A lease that expired between the two reads reports -1.
-            ttls.insert(lease, (ttl.ttl() >= 0).then(|| ttl.ttl()));
+            // A lease that expired since the read has no time left.
+            let left = ops::within(reg, limit, "read a lease", async |r| {
+                r.time_to_live(LeaseId(lease)).await
+            })
+            .await?;
+            ttls.insert(lease, left.map(|d| d.as_secs() as i64));
         }
         out.push(Entry {
-            key: String::from_utf8_lossy(kv.key()).into_owned(),
-            value: String::from_utf8_lossy(kv.value()).into_owned(),
+            key: kv.key,
+            value: kv.value,
             lease: (lease != 0).then_some(LeaseId(lease)),
             ttl: ttls.get(&lease).copied().flatten(),
         });
@@ -242,12 +242,10 @@ pub async fn list(reg: &mut EtcdRegistry, limit: Duration, prefix: Option<&str>)
 }
 
 /// Asks etcd for its status; returns the endpoint that answered and etcd's
-/// version.
-pub async fn status(reg: &mut EtcdRegistry, limit: Duration) -> Result<(String, String), RegistryError> {
-    let resp = reg
-        .once("read etcd's status", limit, async |c| c.status().await)
-        .await?;
-    Ok((reg.endpoint().to_string(), resp.version().to_string()))
+/// version. The request is bounded by `limit`.
+pub async fn status<R: Etcd>(reg: &mut R, limit: Duration) -> Result<(String, String), RegistryError> {
+    let status = ops::within(reg, limit, "read etcd's status", async |r| r.status().await).await?;
+    Ok((reg.endpoint().to_string(), status.version))
 }
 
 #[cfg(test)]
@@ -318,5 +316,195 @@ mod tests {
         ] {
             assert_eq!(done.report("/k", if_value), want);
         }
+    }
+
+    // Against the model of etcd, under paused time.
+
+    use crate::registry::memory::Model;
+
+    const LIMIT: Duration = Duration::from_secs(1);
+
+    fn pairs(l: &[(&str, &str)]) -> Vec<(String, String)> {
+        l.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn announce_without_a_ttl_writes_permanent_keys_in_one_revision() {
+        let m = Model::new();
+        let keys = pairs(&[("/services/web/1", "a:1"), ("/services/web/scheme", "http")]);
+        let lease = announce(&mut m.clone(), LIMIT, &keys, None).await.unwrap();
+        assert_eq!(lease, None);
+        for (k, v) in &keys {
+            let kv = m.get(k).unwrap();
+            assert_eq!(
+                (kv.value.as_str(), kv.lease, kv.mod_revision),
+                (v.as_str(), 0, 2),
+                "{k}"
+            );
+        }
+        assert!(m.leases().is_empty());
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert!(m.get("/services/web/1").is_some(), "permanent");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn announce_with_a_ttl_grants_a_lease_that_holds_the_keys_until_it_expires() {
+        let m = Model::new();
+        let keys = pairs(&[("/services/web/2", "b:2"), ("/services/web/2/weight", "10")]);
+        let lease = announce(&mut m.clone(), LIMIT, &keys, Some(Duration::from_secs(30)))
+            .await
+            .unwrap()
+            .expect("a lease");
+        assert_eq!(m.leases(), vec![lease]);
+        for (k, _) in &keys {
+            assert_eq!(m.get(k).unwrap().lease, lease.0, "{k}");
+        }
+        assert_eq!(
+            m.clone().time_to_live(lease).await.unwrap(),
+            Some(Duration::from_secs(30))
+        );
+        // Nobody keeps it alive: the keys go with it.
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(m.keys("/services/"), vec![]);
+    }
+
+    // etcd refuses a transaction of more than 128 operations.
+    #[tokio::test(start_paused = true)]
+    async fn announce_puts_more_keys_than_one_transaction_holds() {
+        let m = Model::new();
+        let keys: Vec<(String, String)> = (0..300).map(|i| (format!("/k/{i:03}"), "v".to_string())).collect();
+        announce(&mut m.clone(), LIMIT, &keys, None).await.unwrap();
+        assert_eq!(m.keys("/k/").len(), 300);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn announce_fails_with_the_cause_when_etcd_is_away_or_frozen_and_writes_nothing() {
+        let m = Model::new();
+        let keys = pairs(&[("/k", "v")]);
+        m.set_unreachable(true);
+        let e = announce(&mut m.clone(), LIMIT, &keys, Some(Duration::from_secs(10)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.to_string(), "could not grant a lease at model: connection refused");
+        let e = announce(&mut m.clone(), LIMIT, &keys, None).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "could not put the keys at model: connection refused (writing /k)"
+        );
+        m.set_unreachable(false);
+        m.set_hung(true);
+        let started = tokio::time::Instant::now();
+        let e = announce(&mut m.clone(), LIMIT, &keys, None).await.unwrap_err();
+        assert_eq!(e.to_string(), "could not put the keys at model: no answer within 1s");
+        assert_eq!(started.elapsed(), LIMIT, "bounded by the limit");
+        m.set_hung(false);
+        assert_eq!((m.get("/k"), m.leases()), (None, vec![]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn withdraw_if_value_deletes_only_that_value_and_a_missing_key_is_success() {
+        let m = Model::new();
+        let mut reg = m.clone();
+        m.put_foreign("/services/web/1", "theirs:1", 0);
+
+        let done = withdraw(&mut reg, LIMIT, "/services/web/1", Some("ours:1"), false).await;
+        assert_eq!(
+            done.unwrap(),
+            Withdrawn::Kept {
+                current: "theirs:1".into()
+            }
+        );
+        assert_eq!(m.get("/services/web/1").unwrap().value, "theirs:1");
+
+        let done = withdraw(&mut reg, LIMIT, "/services/web/1", Some("theirs:1"), false).await;
+        assert_eq!(done.unwrap(), Withdrawn::Deleted(1));
+        assert_eq!(m.get("/services/web/1"), None);
+
+        let done = withdraw(&mut reg, LIMIT, "/services/web/1", Some("theirs:1"), false).await;
+        assert_eq!(done.unwrap(), Withdrawn::Deleted(0), "missing");
+        let done = withdraw(&mut reg, LIMIT, "/nothing/here", None, false).await;
+        assert_eq!(done.unwrap(), Withdrawn::Deleted(0), "missing");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn withdraw_deletes_the_key_or_the_whole_subtree_only() {
+        let m = Model::new();
+        let mut reg = m.clone();
+        for k in [
+            "/services/web",
+            "/services/web/1",
+            "/services/web/2",
+            "/services/webber/1",
+        ] {
+            m.put_foreign(k, "v", 0);
+        }
+        let done = withdraw(&mut reg, LIMIT, "/services/web", None, false).await;
+        assert_eq!(done.unwrap(), Withdrawn::Deleted(1));
+        assert!(m.get("/services/web/1").is_some(), "a key, not a prefix");
+        let done = withdraw(&mut reg, LIMIT, "/services/web/", None, true).await;
+        assert_eq!(done.unwrap(), Withdrawn::Deleted(2));
+        let left: Vec<String> = m.keys("/").into_iter().map(|kv| kv.key).collect();
+        assert_eq!(left, ["/services/webber/1"]);
+
+        m.set_unreachable(true);
+        let e = withdraw(&mut reg, LIMIT, "/services/webber/1", Some("v"), false).await;
+        assert_eq!(
+            e.unwrap_err().to_string(),
+            "could not delete the key at model: connection refused"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn list_shows_values_leases_and_the_time_left_in_key_order() {
+        let m = Model::new();
+        let mut reg = m.clone();
+        let lease = m.clone().grant(Duration::from_secs(60), None).await.unwrap().id;
+        m.put_foreign("/services/web/b", "10.0.0.2:80", lease.0);
+        m.put_foreign("/services/web/a", "10.0.0.1:80", 0);
+        m.put_foreign("/services/web/c", "10.0.0.3:80", lease.0);
+        m.put_foreign("/other", "x", 0);
+        tokio::time::advance(Duration::from_millis(4500)).await;
+
+        let entries = list(&mut reg, LIMIT, Some("/services/")).await.unwrap();
+        let lines: Vec<String> = entries.iter().map(|e| e.line(false)).collect();
+        assert_eq!(
+            lines,
+            [
+                "/services/web/a 10.0.0.1:80 (permanent)".to_string(),
+                format!("/services/web/b 10.0.0.2:80 (lease {lease}, ttl 55s)"),
+                format!("/services/web/c 10.0.0.3:80 (lease {lease}, ttl 55s)"),
+            ]
+        );
+        assert_eq!(m.calls("time_to_live"), 1, "each lease asked once");
+
+        for every in [None, Some("")] {
+            let all = list(&mut reg, LIMIT, every).await.unwrap();
+            let keys: Vec<&str> = all.iter().map(|e| e.key.as_str()).collect();
+            assert_eq!(
+                keys,
+                ["/other", "/services/web/a", "/services/web/b", "/services/web/c"]
+            );
+        }
+        assert_eq!(list(&mut reg, LIMIT, Some("/none/")).await.unwrap(), vec![]);
+
+        m.set_unreachable(true);
+        let e = list(&mut reg, LIMIT, None).await.unwrap_err();
+        assert_eq!(e.to_string(), "could not list the keys at model: connection refused");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn status_names_the_endpoint_and_the_version() {
+        let m = Model::new();
+        let mut reg = m.clone();
+        assert_eq!(
+            status(&mut reg, LIMIT).await.unwrap(),
+            ("model".to_string(), Model::VERSION.to_string())
+        );
+        m.set_hung(true);
+        let e = status(&mut reg, LIMIT).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "could not read etcd's status at model: no answer within 1s"
+        );
     }
 }

@@ -2,22 +2,22 @@
 //! enough keys exist under a prefix, following an etcd watch, not polling.
 //!
 //! The condition logic is pure: a [`Condition`] judges what was [`Seen`],
-//! and [`Seen::apply`] folds in one [`Change`] from the watch. [`wait`]
+//! and [`Seen::apply`] folds in one [`Change`] from the watch. [`run_with`]
 //! reads the state at one revision R and watches from R+1, so no change
-//! falls between the read and the watch; a lost connection or a compacted
-//! watch revision means reading again, until the condition holds or the
-//! time is up.
+//! falls between the read and the watch; a lost connection, a broken watch
+//! or a compacted watch revision means reading again, until the condition
+//! holds or the time is up. It asks etcd through [`Etcd`], so the unit
+//! tests below run it against the model of etcd under paused time.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream};
 use tracing::debug;
 
 use crate::cli::WaitCmdArgs;
 use crate::config::{self, EtcdSettings, UsageError};
 use crate::discover::Environment;
-use crate::registry::{connect_options, Etcd, EtcdRegistry};
+use crate::registry::{connect_options, ops, ErrorKind, Etcd, EtcdRegistry, Event, Range, RegistryError};
 
 /// What the wait is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +116,14 @@ impl Condition {
                 format!("{n} key{s} under {prefix}, wanted {bound} {count}")
             }
             _ => unreachable!("a condition is only judged on what was read for it"),
+        }
+    }
+
+    /// What the wait watches: each key, or the prefix.
+    fn ranges(&self) -> Vec<Range> {
+        match self {
+            Condition::Keys { keys, .. } => keys.iter().map(|k| Range::Key(k.clone())).collect(),
+            Condition::Count { prefix, .. } => vec![Range::Prefix(prefix.clone())],
         }
     }
 
@@ -218,25 +226,35 @@ pub enum Error {
 pub fn run(args: &WaitCmdArgs, env: &dyn Environment) -> Result<(), Error> {
     let cfg = wait_config(args, env)?;
     let options = connect_options(&cfg.etcd).map_err(UsageError::new)?;
-    let mut reg = EtcdRegistry::new(cfg.etcd.discovery.endpoints.clone(), options, cfg.etcd.dial_timeout);
+    let limit = cfg.etcd.dial_timeout;
+    let mut reg = EtcdRegistry::one_shot(cfg.etcd.discovery.endpoints.clone(), options, limit);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(wait(&cfg.condition, &mut reg, cfg.etcd.dial_timeout, cfg.timeout))
+    rt.block_on(run_with(&mut reg, &cfg.condition, limit, cfg.timeout))
 }
 
 /// Why one read-then-watch round ended before the condition held.
 enum Interrupted {
     /// etcd stopped answering or refused: back off, then read again.
     Lost(String),
-    /// The watch's start revision was compacted away: read again at once.
+    /// The revision read at was compacted away: read again at once.
     Compacted,
+}
+
+impl From<RegistryError> for Interrupted {
+    fn from(e: RegistryError) -> Self {
+        match e.kind {
+            ErrorKind::Compacted => Interrupted::Compacted,
+            _ => Interrupted::Lost(e.to_string()),
+        }
+    }
 }
 
 /// Waits until `condition` holds (`Ok`) or `timeout` passes. Each etcd
 /// request is bounded by `limit`; etcd being away only means reading again
-/// later, over the next endpoint, with a capped backoff.
-pub async fn wait(
+/// later (over the next endpoint, as `reg` rotates), with a capped backoff.
+pub async fn run_with<R: Etcd>(
+    reg: &mut R,
     condition: &Condition,
-    reg: &mut EtcdRegistry,
     limit: Duration,
     timeout: Duration,
 ) -> Result<(), Error> {
@@ -262,7 +280,9 @@ pub async fn wait(
             }
         }
     };
-    if tokio::time::timeout(timeout, rounds).await.is_ok() {
+    let done = tokio::time::timeout(timeout, rounds).await.is_ok();
+    reg.unwatch();
+    if done {
         return Ok(());
     }
     let after = format!("timed out after {}", humantime::format_duration(timeout));
@@ -287,18 +307,14 @@ fn backoff(failures: u32) -> Duration {
 
 /// Reads the state at one revision, returns if it satisfies the condition,
 /// else watches from the next revision until it does or the watch breaks.
-async fn round(
+async fn round<R: Etcd>(
     condition: &Condition,
-    reg: &mut EtcdRegistry,
+    reg: &mut R,
     limit: Duration,
     seen: &mut Option<Seen>,
     trouble: &mut Option<String>,
 ) -> Result<(), Interrupted> {
-    let lost = |e: crate::registry::RegistryError| Interrupted::Lost(e.to_string());
-    let (now, revision) = reg
-        .once("read the keys", limit, async |c| read(c, condition).await)
-        .await
-        .map_err(lost)?;
+    let (now, revision) = ops::within(reg, limit, "read the keys", async |r| read(r, condition).await).await?;
     if trouble.take().is_some() {
         debug!(endpoint = %reg.endpoint(), "etcd answers again");
     }
@@ -306,37 +322,14 @@ async fn round(
     if condition.holds(now) {
         return Ok(());
     }
-    let mut stream = reg
-        .once("watch the keys", limit, async |c| {
-            watch(c, condition, revision + 1).await
-        })
-        .await
-        .map_err(lost)?;
-    let endpoint = reg.endpoint().to_string();
+    let ranges = condition.ranges();
+    ops::within(reg, limit, "watch the keys", async |r| {
+        r.watch(&ranges, revision + 1, false).await
+    })
+    .await?;
     loop {
-        let resp = match stream.message().await {
-            Ok(Some(resp)) => resp,
-            Ok(None) => return Err(Interrupted::Lost(format!("etcd at {endpoint} closed the watch"))),
-            Err(e) => {
-                return Err(Interrupted::Lost(format!(
-                    "could not watch the keys at {endpoint}: {}",
-                    short(&e)
-                )))
-            }
-        };
-        if resp.canceled() {
-            if resp.compact_revision() > 0 {
-                return Err(Interrupted::Compacted);
-            }
-            return Err(Interrupted::Lost(format!(
-                "etcd at {endpoint} cancelled the watch: {}",
-                resp.cancel_reason().trim_start_matches("etcdserver: ")
-            )));
-        }
-        for event in resp.events() {
-            if let Some(change) = change(event) {
-                now.apply(&change);
-            }
+        for event in reg.watched().await? {
+            now.apply(&change(&event));
         }
         if condition.holds(now) {
             return Ok(());
@@ -344,87 +337,30 @@ async fn round(
     }
 }
 
-/// etcd's default limit on the operations of one transaction.
-const MAX_TXN_OPS: usize = 128;
-
 /// What etcd holds now, and the revision it was read at.
-async fn read(c: &mut Client, condition: &Condition) -> Result<(Seen, i64), etcd_client::Error> {
-    let count_only = || Some(GetOptions::new().with_count_only());
+async fn read<R: Etcd>(reg: &mut R, condition: &Condition) -> Result<(Seen, i64), RegistryError> {
     match condition {
         Condition::Keys { keys, .. } => {
-            // Transactions of at most etcd's default --max-txn-ops gets; the
-            // first fixes the revision, the others read at it, so every key
-            // is read at one revision.
-            let mut revision = 0;
-            let mut present = BTreeSet::new();
-            for chunk in keys.chunks(MAX_TXN_OPS) {
-                let opts = || match revision {
-                    0 => count_only(),
-                    r => count_only().map(|o| o.with_revision(r)),
-                };
-                let ops: Vec<TxnOp> = chunk.iter().map(|k| TxnOp::get(k.as_str(), opts())).collect();
-                let resp = c.txn(Txn::new().and_then(ops)).await?;
-                if revision == 0 {
-                    revision = resp.header().map_or(0, |h| h.revision());
-                }
-                present.extend(
-                    chunk
-                        .iter()
-                        .zip(resp.op_responses())
-                        .filter(|(_, r)| matches!(r, TxnOpResponse::Get(g) if g.count() > 0))
-                        .map(|(k, _)| k.clone()),
-                );
-            }
-            Ok((Seen::Keys(present), revision))
+            let (present, revision) = ops::read_keys(reg, keys).await?;
+            Ok((Seen::Keys(present.into_iter().map(|kv| kv.key).collect()), revision))
         }
         Condition::Count { prefix, .. } => {
-            let resp = c
-                .get(prefix.as_str(), Some(GetOptions::new().with_prefix().with_count_only()))
-                .await?;
-            let revision = resp.header().map_or(0, |h| h.revision());
-            Ok((Seen::Count(resp.count().max(0) as u64), revision))
+            let (count, revision) = ops::count_prefix(reg, prefix).await?;
+            Ok((Seen::Count(count), revision))
         }
     }
 }
 
-/// Opens one watch stream from `start`: one watch per key, or one over the
-/// prefix.
-async fn watch(c: &mut Client, condition: &Condition, start: i64) -> Result<WatchStream, etcd_client::Error> {
-    let from = || WatchOptions::new().with_start_revision(start);
-    match condition {
-        Condition::Keys { keys, .. } => {
-            let mut stream = c.watch(keys[0].as_str(), Some(from())).await?;
-            for k in &keys[1..] {
-                stream.watch(k.as_str(), Some(from())).await?;
-            }
-            Ok(stream)
-        }
-        Condition::Count { prefix, .. } => c.watch(prefix.as_str(), Some(from().with_prefix())).await,
-    }
-}
-
-/// A watch event as a [`Change`]; `None` for an event without its key.
-fn change(event: &etcd_client::Event) -> Option<Change> {
-    let kv = event.kv()?;
-    let key = String::from_utf8_lossy(kv.key()).into_owned();
-    Some(match event.event_type() {
-        EventType::Put => Change::Put {
+/// A watch event as a [`Change`].
+fn change(event: &Event) -> Change {
+    let key = event.kv.key.clone();
+    if event.put {
+        Change::Put {
             key,
-            created: kv.version() == 1,
-        },
-        EventType::Delete => Change::Delete { key },
-    })
-}
-
-/// An etcd-client error in a few words: the gRPC message, or the error's
-/// own text.
-fn short(err: &etcd_client::Error) -> String {
-    match err {
-        etcd_client::Error::GRpcStatus(s) if !s.message().is_empty() => {
-            s.message().trim_start_matches("etcdserver: ").to_string()
+            created: event.kv.version == 1,
         }
-        etcd_client::Error::GRpcStatus(s) => s.code().description().to_string(),
-        other => other.to_string(),
+    } else {
+        Change::Delete { key }
     }
 }
 
@@ -705,5 +641,313 @@ mod tests {
     #[test]
     fn the_timeout_line_stays_one_line() {
         assert_eq!(one_line("missing /a\n/b"), "missing /a\\n/b");
+    }
+
+    // Against the model of etcd, under paused time: the wait's rhythm.
+
+    use crate::registry::memory::Model;
+    use crate::registry::{Granted, LeaseId, Status, Txn, TxnResult};
+    use tokio::task::JoinHandle;
+
+    /// Each request's bound.
+    const LIMIT: Duration = Duration::from_secs(1);
+
+    /// Starts `run_with` on a client of `model`, in a task of its own.
+    fn start(model: &Model, condition: Condition, timeout_s: u64) -> JoinHandle<Result<(), Error>> {
+        let mut reg = model.clone();
+        tokio::spawn(async move { run_with(&mut reg, &condition, LIMIT, Duration::from_secs(timeout_s)).await })
+    }
+
+    /// The wait's result if it ends within `d`; paused time passes only
+    /// while nothing else can run, so a small `d` means "without waiting".
+    async fn ended_within(task: &mut JoinHandle<Result<(), Error>>, d: Duration) -> Option<Result<(), String>> {
+        let r = tokio::time::timeout(d, task).await.ok()?;
+        Some(r.expect("the wait does not panic").map_err(|e| e.to_string()))
+    }
+
+    const AT_ONCE: Duration = Duration::from_millis(1);
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    async fn still_waiting(task: &mut JoinHandle<Result<(), Error>>, d: Duration, what: &str) {
+        assert_eq!(ended_within(task, d).await, None, "{what}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keys_put_later_end_the_wait_with_one_read_and_one_watch() {
+        let m = Model::new();
+        let mut w = start(&m, keys(&["/svc/a", "/svc/b"], false), 60);
+        still_waiting(&mut w, secs(5), "no key yet").await;
+        m.put_foreign("/svc/a", "1", 0);
+        still_waiting(&mut w, secs(5), "one key of two").await;
+        m.put_foreign("/svc/b", "1", 0);
+        assert_eq!(ended_within(&mut w, AT_ONCE).await, Some(Ok(())));
+        assert_eq!((m.calls("txn"), m.calls("watch")), (1, 1), "one read, then the watch");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gone_ends_when_the_last_key_is_deleted_or_expires() {
+        let m = Model::new();
+        let lease = m.clone().grant(secs(30), None).await.unwrap().id;
+        m.put_foreign("/svc/a", "1", 0);
+        m.put_foreign("/svc/b", "1", lease.0);
+        let mut w = start(&m, keys(&["/svc/a", "/svc/b"], true), 60);
+        still_waiting(&mut w, secs(1), "both keys there").await;
+        m.delete("/svc/a");
+        still_waiting(&mut w, secs(1), "one key still there").await;
+        // The key goes with its lease, as a crashed instance's key does.
+        assert_eq!(ended_within(&mut w, secs(40)).await, Some(Ok(())));
+        assert_eq!(m.get("/svc/b"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prefix_count_is_reached_as_keys_are_added_and_left_as_they_go() {
+        let m = Model::new();
+        m.put_foreign("/services/web/1", "a", 0);
+        let mut w = start(&m, count(3, false), 60);
+        still_waiting(&mut w, secs(1), "one key of three").await;
+        // Neither an update, nor a key beside the raw prefix, nor a key that
+        // comes and goes adds to the count.
+        m.put_foreign("/services/web/1", "b", 0);
+        m.put_foreign("/services/webx", "a", 0);
+        m.put_foreign("/services/web/9", "a", 0);
+        m.delete("/services/web/9");
+        m.put_foreign("/services/web/2", "a", 0);
+        still_waiting(&mut w, secs(1), "two keys of three").await;
+        m.put_foreign("/services/web/3", "a", 0);
+        assert_eq!(ended_within(&mut w, AT_ONCE).await, Some(Ok(())));
+
+        let mut w = start(&m, count(1, true), 60);
+        m.delete("/services/web/1");
+        still_waiting(&mut w, secs(1), "two keys left, at most one wanted").await;
+        m.delete("/services/web/2");
+        assert_eq!(ended_within(&mut w, AT_ONCE).await, Some(Ok(())));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_condition_already_true_returns_at_once_without_a_watch() {
+        let m = Model::new();
+        for k in ["/a", "/b", "/services/web/1", "/services/web/2", "/services/web/3"] {
+            m.put_foreign(k, "x", 0);
+        }
+        for condition in [
+            keys(&["/a", "/b"], false),
+            keys(&["/nothing", "/none"], true),
+            count(1, false),
+            count(3, false),
+            count(3, true),
+            Condition::Count {
+                prefix: "/q/".into(),
+                count: 0,
+                gone: true,
+            },
+        ] {
+            let mut w = start(&m, condition.clone(), 60);
+            assert_eq!(ended_within(&mut w, AT_ONCE).await, Some(Ok(())), "{condition:?}");
+        }
+        assert_eq!(m.calls("watch"), 0);
+    }
+
+    /// A watch, not polling: an idle wait asks etcd nothing.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_wait_reads_nothing_while_it_waits() {
+        let m = Model::new();
+        let mut w = start(&m, keys(&["/svc/a"], false), 600);
+        still_waiting(&mut w, secs(1), "nothing yet").await;
+        let asked = (m.calls("txn"), m.calls("watch"));
+        still_waiting(&mut w, secs(300), "nothing yet").await;
+        assert_eq!((m.calls("txn"), m.calls("watch")), asked, "requests while idle");
+        m.put_foreign("/svc/a", "1", 0);
+        assert_eq!(ended_within(&mut w, AT_ONCE).await, Some(Ok(())));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_names_what_is_missing_and_why_etcd_did_not_say() {
+        let m = Model::new();
+        m.put_foreign("/a", "x", 0);
+        m.put_foreign("/services/web/1", "x", 0);
+        let cases = [
+            (keys(&["/a", "/b", "/c"], false), "timed out after 2s: missing /b, /c"),
+            (keys(&["/a", "/b"], true), "timed out after 2s: still there: /a"),
+            (
+                count(2, false),
+                "timed out after 2s: 1 key under /services/web/, wanted at least 2",
+            ),
+            (
+                count(0, true),
+                "timed out after 2s: 1 key under /services/web/, wanted at most 0",
+            ),
+        ];
+        for (condition, line) in cases {
+            let mut w = start(&m, condition, 2);
+            still_waiting(&mut w, Duration::from_millis(1990), line).await;
+            assert_eq!(ended_within(&mut w, secs(1)).await, Some(Err(line.to_string())));
+        }
+
+        // etcd away from the start, or frozen: the cause, each request
+        // bounded.
+        m.set_unreachable(true);
+        let mut w = start(&m, keys(&["/b"], false), 5);
+        let line = "timed out after 5s waiting for /b: could not read the keys at model: connection refused";
+        assert_eq!(ended_within(&mut w, secs(6)).await, Some(Err(line.to_string())));
+        m.set_unreachable(false);
+        m.set_hung(true);
+        let mut w = start(&m, keys(&["/b"], false), 5);
+        let line = "timed out after 5s waiting for /b: could not read the keys at model: no answer within 1s";
+        assert_eq!(ended_within(&mut w, secs(6)).await, Some(Err(line.to_string())));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn etcd_away_for_a_while_does_not_end_the_wait_and_a_key_put_meanwhile_is_found() {
+        let m = Model::new();
+        let mut w = start(&m, keys(&["/svc/a"], false), 60);
+        still_waiting(&mut w, secs(1), "watching").await;
+        let reads = m.calls("txn");
+        m.set_unreachable(true);
+        still_waiting(&mut w, secs(30), "etcd away").await;
+        // Retried with a capped backoff: neither given up nor a busy loop.
+        let retries = m.calls("txn") - reads;
+        assert!((10..=40).contains(&retries), "{retries} reads in 30s");
+        // Put through another member while this one is away: only a read
+        // can find it.
+        m.put_foreign("/svc/a", "1", 0);
+        still_waiting(&mut w, secs(1), "etcd still away").await;
+        m.set_unreachable(false);
+        assert_eq!(ended_within(&mut w, secs(3)).await, Some(Ok(())));
+
+        // A restart breaks the watch: read again, then watch again.
+        let mut w = start(&m, keys(&["/svc/b"], false), 60);
+        still_waiting(&mut w, secs(1), "watching").await;
+        let watches = m.calls("watch");
+        m.restart();
+        still_waiting(&mut w, secs(5), "after a restart").await;
+        assert_eq!(m.calls("watch"), watches + 1, "watching again");
+        m.put_foreign("/svc/b", "1", 0);
+        assert_eq!(ended_within(&mut w, AT_ONCE).await, Some(Ok(())));
+    }
+
+    // A wiped etcd starts again at revision 1: a wait that watched on from
+    // its old revision would miss every key put since.
+    #[tokio::test(start_paused = true)]
+    async fn a_wipe_is_followed_by_a_fresh_read_that_misses_nothing() {
+        let m = Model::new();
+        for i in 0..5 {
+            m.put_foreign(&format!("/other/{i}"), "x", 0);
+        }
+        let mut w = start(&m, keys(&["/svc/a"], false), 60);
+        still_waiting(&mut w, secs(1), "watching").await;
+        m.wipe();
+        m.put_foreign("/svc/a", "1", 0);
+        assert_eq!(m.revision(), 2);
+        assert_eq!(ended_within(&mut w, secs(3)).await, Some(Ok(())));
+        assert_eq!(m.calls("txn"), 2, "read again after the wipe");
+    }
+
+    /// The model, with something done to it just before the first watch
+    /// opens: what other clients do between the wait's read and its watch.
+    struct BeforeWatch {
+        model: Model,
+        then: Option<Meddling>,
+    }
+
+    type Meddling = Box<dyn FnOnce(&Model) + Send>;
+
+    impl Etcd for BeforeWatch {
+        async fn grant(&mut self, ttl: Duration, id: Option<LeaseId>) -> Result<Granted, RegistryError> {
+            self.model.grant(ttl, id).await
+        }
+        async fn keep_alive(&mut self, lease: LeaseId) -> Result<Option<Duration>, RegistryError> {
+            self.model.keep_alive(lease).await
+        }
+        async fn revoke(&mut self, lease: LeaseId) -> Result<bool, RegistryError> {
+            self.model.revoke(lease).await
+        }
+        async fn time_to_live(&mut self, lease: LeaseId) -> Result<Option<Duration>, RegistryError> {
+            self.model.time_to_live(lease).await
+        }
+        async fn txn(&mut self, txn: Txn) -> Result<TxnResult, RegistryError> {
+            self.model.txn(txn).await
+        }
+        async fn watch(&mut self, ranges: &[Range], from: i64, deletes_only: bool) -> Result<(), RegistryError> {
+            if let Some(f) = self.then.take() {
+                f(&self.model);
+            }
+            self.model.watch(ranges, from, deletes_only).await
+        }
+        async fn watched(&mut self) -> Result<Vec<Event>, RegistryError> {
+            self.model.watched().await
+        }
+        async fn status(&mut self) -> Result<Status, RegistryError> {
+            self.model.status().await
+        }
+        fn unwatch(&mut self) {
+            self.model.unwatch()
+        }
+        fn forget(&mut self, lease: LeaseId) {
+            self.model.forget(lease)
+        }
+        fn endpoint(&self) -> &str {
+            self.model.endpoint()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_compacted_watch_revision_means_reading_again_at_once() {
+        let m = Model::new();
+        m.put_foreign("/other", "x", 0);
+        // The key comes, and the revisions since the read are compacted,
+        // before the watch opens: it can only start later, so only a
+        // fresh read finds the key.
+        let mut reg = BeforeWatch {
+            model: m.clone(),
+            then: Some(Box::new(|m: &Model| {
+                m.put_foreign("/svc/a", "1", 0);
+                m.put_foreign("/other", "y", 0);
+                m.compact(m.revision());
+            })),
+        };
+        let condition = keys(&["/svc/a"], false);
+        let mut w = tokio::spawn(async move { run_with(&mut reg, &condition, LIMIT, secs(60)).await });
+        assert_eq!(ended_within(&mut w, AT_ONCE).await, Some(Ok(())), "no backoff either");
+        assert_eq!(
+            (m.calls("txn"), m.calls("watch")),
+            (2, 1),
+            "the second read found the key"
+        );
+
+        // A compaction under an open watch changes nothing for it.
+        let mut w = start(&m, keys(&["/svc/b"], false), 60);
+        still_waiting(&mut w, secs(1), "watching").await;
+        m.put_foreign("/other", "z", 0);
+        m.compact(m.revision());
+        still_waiting(&mut w, secs(1), "after the compaction").await;
+        m.put_foreign("/svc/b", "1", 0);
+        assert_eq!(ended_within(&mut w, AT_ONCE).await, Some(Ok(())));
+        assert_eq!(m.calls("txn"), 3, "one read for the second wait");
+    }
+
+    // etcd refuses a transaction of more than 128 operations: the keys are
+    // read in several, all at the revision of the first.
+    #[tokio::test(start_paused = true)]
+    async fn more_keys_than_one_transaction_holds() {
+        let m = Model::new();
+        let names: Vec<String> = (0..300).map(|i| format!("/many/{i:03}")).collect();
+        for k in &names[..299] {
+            m.put_foreign(k, "x", 0);
+        }
+        let all = Condition::Keys {
+            keys: names.clone(),
+            gone: false,
+        };
+        let mut w = start(&m, all.clone(), 2);
+        let line = "timed out after 2s: missing /many/299".to_string();
+        assert_eq!(ended_within(&mut w, secs(3)).await, Some(Err(line)));
+        assert_eq!(m.calls("txn"), 3, "300 keys in three reads");
+        let mut w = start(&m, all, 60);
+        still_waiting(&mut w, secs(1), "one key missing").await;
+        m.put_foreign(&names[299], "x", 0);
+        assert_eq!(ended_within(&mut w, AT_ONCE).await, Some(Ok(())));
     }
 }

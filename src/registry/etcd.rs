@@ -14,7 +14,7 @@ use etcd_client::{
 use tracing::debug;
 
 use super::{
-    ErrorKind, Etcd, Event, Granted, KeyValue, LeaseId, Op, OpResult, Range, RegistryError, Target, TxnResult,
+    ErrorKind, Etcd, Event, Granted, KeyValue, LeaseId, Op, OpResult, Range, RegistryError, Status, Target, TxnResult,
 };
 use crate::config::EtcdSettings;
 
@@ -137,6 +137,9 @@ pub struct EtcdRegistry {
     keepers: HashMap<i64, (LeaseKeeper, LeaseKeepAliveStream)>,
     /// The open watch, with the endpoint it was opened on.
     watch: Option<(WatchStream, String)>,
+    /// Each request tries every endpoint once within `timeout` in all,
+    /// rather than one endpoint within `timeout`.
+    one_shot: bool,
 }
 
 impl std::fmt::Debug for EtcdRegistry {
@@ -161,6 +164,19 @@ impl EtcdRegistry {
             client: None,
             keepers: HashMap::new(),
             watch: None,
+            one_shot: false,
+        }
+    }
+
+    /// A registry for a command that makes a few requests and exits
+    /// (`announce`, `withdraw`, `list`, `discover --check`, `wait`): each
+    /// request tries the endpoints in turn until one answers or `limit`
+    /// (the dial timeout) has passed in all, so an unreachable etcd costs
+    /// a request at most `limit`, however many endpoints there are.
+    pub fn one_shot(endpoints: Vec<String>, options: ConnectOptions, limit: Duration) -> Self {
+        EtcdRegistry {
+            one_shot: true,
+            ..Self::new(endpoints, options, limit)
         }
     }
 
@@ -186,22 +202,17 @@ impl EtcdRegistry {
         }
     }
 
-    /// Runs `f` on a connected client within the time limit.
+    /// Runs `f` on a connected client within the time limit; in one-shot
+    /// mode, on each endpoint in turn until one answers or the limit has
+    /// passed in all.
     async fn call<T, F>(&mut self, op: &'static str, f: F) -> Result<T, RegistryError>
-    where
-        F: AsyncFnOnce(&mut Client) -> Result<T, Error>,
-    {
-        self.call_within(op, self.timeout, f).await
-    }
-
-    /// Runs `f` once, trying the endpoints in turn until one answers or
-    /// `limit` has passed in all: the one-shot commands use this, so an
-    /// unreachable etcd costs them at most the dial timeout.
-    pub async fn once<T, F>(&mut self, op: &'static str, limit: Duration, f: F) -> Result<T, RegistryError>
     where
         F: AsyncFn(&mut Client) -> Result<T, Error>,
     {
-        let deadline = tokio::time::Instant::now() + limit;
+        if !self.one_shot {
+            return self.call_within(op, self.timeout, f).await;
+        }
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let mut tries = self.endpoints.len();
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -333,7 +344,7 @@ impl Etcd for EtcdRegistry {
         let secs = ttl.as_secs() as i64;
         let opts = id.map(|id| LeaseGrantOptions::new().with_id(id.0));
         let r = self
-            .call("grant a lease", async |c| c.lease_grant(secs, opts).await)
+            .call("grant a lease", async |c| c.lease_grant(secs, opts.clone()).await)
             .await?;
         Ok(Granted {
             id: LeaseId(r.id()),
@@ -388,9 +399,19 @@ impl Etcd for EtcdRegistry {
         }
     }
 
+    async fn time_to_live(&mut self, lease: LeaseId) -> Result<Option<Duration>, RegistryError> {
+        let r = self
+            .call("read a lease", async |c| c.lease_time_to_live(lease.0, None).await)
+            .await?;
+        // etcd answers -1 for a lease it does not have.
+        Ok((r.ttl() >= 0).then(|| Duration::from_secs(r.ttl() as u64)))
+    }
+
     async fn txn(&mut self, txn: super::Txn) -> Result<TxnResult, RegistryError> {
         let txn = to_txn(txn);
-        let resp = self.call("run a transaction", async |c| c.txn(txn).await).await?;
+        let resp = self
+            .call("run a transaction", async |c| c.txn(txn.clone()).await)
+            .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         Ok(from_txn(&resp, revision))
     }
@@ -472,6 +493,13 @@ impl Etcd for EtcdRegistry {
                 return Ok(events);
             }
         }
+    }
+
+    async fn status(&mut self) -> Result<Status, RegistryError> {
+        let r = self.call("read etcd's status", async |c| c.status().await).await?;
+        Ok(Status {
+            version: r.version().to_string(),
+        })
     }
 
     fn unwatch(&mut self) {

@@ -28,8 +28,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{
-    Compare, ErrorKind, Etcd, Event, Granted, KeyValue, LeaseId, Op, OpResult, Range, RegistryError, Target, Txn,
-    TxnResult, MAX_TXN_OPS,
+    Compare, ErrorKind, Etcd, Event, Granted, KeyValue, LeaseId, Op, OpResult, Range, RegistryError, Status, Target,
+    Txn, TxnResult, MAX_TXN_OPS,
 };
 
 type WatchItem = Result<Vec<Event>, RegistryError>;
@@ -426,6 +426,9 @@ impl Clone for Model {
 }
 
 impl Model {
+    /// The version [`Etcd::status`] reports.
+    pub const VERSION: &'static str = "0.0.0-model";
+
     /// An empty store at revision 1.
     pub fn new() -> Self {
         Self::default()
@@ -575,7 +578,7 @@ impl Model {
     }
 
     /// How many times `op` was asked for: `grant`, `keep_alive`, `revoke`,
-    /// `txn`, `watch`.
+    /// `time_to_live`, `txn`, `watch`, `status`.
     pub fn calls(&self, op: &str) -> u64 {
         self.lock().calls.get(op).copied().unwrap_or(0)
     }
@@ -613,6 +616,16 @@ impl Etcd for Model {
         }
         s.drop_lease(lease.0);
         Ok(true)
+    }
+
+    async fn time_to_live(&mut self, lease: LeaseId) -> Result<Option<Duration>, RegistryError> {
+        let s = self.begin("time_to_live").await?;
+        // etcd counts whole seconds, rounded down, and answers -1 (here
+        // `None`) for a lease it does not have.
+        let now = Instant::now();
+        Ok(s.leases
+            .get(&lease.0)
+            .map(|(_, at)| Duration::from_secs(at.saturating_duration_since(now).as_secs())))
     }
 
     async fn txn(&mut self, txn: Txn) -> Result<TxnResult, RegistryError> {
@@ -697,6 +710,13 @@ impl Etcd for Model {
                 }
             }
         }
+    }
+
+    async fn status(&mut self) -> Result<Status, RegistryError> {
+        drop(self.begin("status").await?);
+        Ok(Status {
+            version: Self::VERSION.to_string(),
+        })
     }
 
     fn unwatch(&mut self) {
@@ -808,5 +828,23 @@ mod tests {
         assert_eq!(m.keep_alive(g.id).await.unwrap(), None);
         let e = m.txn(txn(vec![Op::put("/k", "v", g.id.0)])).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::LeaseNotFound);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_to_live_counts_down_in_whole_seconds_and_an_unknown_lease_has_none() {
+        let mut m = Model::new();
+        let g = m.grant(Duration::from_secs(10), None).await.unwrap();
+        assert_eq!(m.time_to_live(g.id).await.unwrap(), Some(Duration::from_secs(10)));
+        tokio::time::advance(Duration::from_millis(2500)).await;
+        // 7.5s left: etcd says 7.
+        assert_eq!(m.time_to_live(g.id).await.unwrap(), Some(Duration::from_secs(7)));
+        tokio::time::advance(Duration::from_secs(8)).await;
+        assert_eq!(m.time_to_live(g.id).await.unwrap(), None, "expired");
+        assert_eq!(m.time_to_live(LeaseId(0x42)).await.unwrap(), None, "never granted");
+        m.set_unreachable(true);
+        assert_eq!(m.time_to_live(g.id).await.unwrap_err().kind, ErrorKind::Unavailable);
+        assert_eq!(m.status().await.unwrap_err().kind, ErrorKind::Unavailable);
+        m.set_unreachable(false);
+        assert_eq!(m.status().await.unwrap().version, Model::VERSION);
     }
 }

@@ -204,6 +204,13 @@ pub struct Granted {
     pub ttl: Duration,
 }
 
+/// What the member that answered says of itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// Its etcd version, such as `3.5.17`.
+    pub version: String,
+}
+
 /// A change seen by a watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
@@ -284,6 +291,11 @@ pub trait Etcd {
     /// `Ok(false)` when etcd did not have it.
     async fn revoke(&mut self, lease: LeaseId) -> Result<bool, RegistryError>;
 
+    /// The time `lease` has left, in whole seconds as etcd counts it
+    /// (rounded down); `Ok(None)` when etcd does not have the lease (it
+    /// answers a TTL of -1 then, not an error).
+    async fn time_to_live(&mut self, lease: LeaseId) -> Result<Option<Duration>, RegistryError>;
+
     /// Runs one transaction.
     async fn txn(&mut self, txn: Txn) -> Result<TxnResult, RegistryError>;
 
@@ -295,6 +307,9 @@ pub trait Etcd {
     /// while nothing is watched; an error means the watch ended (etcd
     /// restarted, compacted past it, cancelled it) and is gone.
     async fn watched(&mut self) -> Result<Vec<Event>, RegistryError>;
+
+    /// The status of the member that answers.
+    async fn status(&mut self) -> Result<Status, RegistryError>;
 
     /// Stops watching.
     fn unwatch(&mut self);

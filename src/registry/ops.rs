@@ -3,7 +3,11 @@
 //! run the very same requests. None exceeds [`MAX_TXN_OPS`]: longer lists
 //! are split over several transactions.
 
-use super::{Compare, Etcd, KeyValue, LeaseId, Op, OpResult, Range, RegistryError, Target, Txn, MAX_TXN_OPS};
+use std::time::Duration;
+
+use super::{
+    Compare, ErrorKind, Etcd, KeyValue, LeaseId, Op, OpResult, Range, RegistryError, Target, Txn, MAX_TXN_OPS,
+};
 
 /// A key that another lease (or a permanent write) holds, so it was left alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,4 +221,45 @@ pub async fn read_prefixes<E: Etcd>(reg: &mut E, prefixes: &[String]) -> Result<
     kvs.sort_by(|a, b| a.key.cmp(&b.key));
     kvs.dedup_by(|a, b| a.key == b.key);
     Ok((kvs, r.revision))
+}
+
+/// Counts the keys under the raw `prefix` without reading them. Returns
+/// the count and the revision it was taken at.
+pub async fn count_prefix<E: Etcd>(reg: &mut E, prefix: &str) -> Result<(u64, i64), RegistryError> {
+    let get = Op::Get {
+        range: Range::Prefix(prefix.to_string()),
+        revision: 0,
+        count_only: true,
+    };
+    let r = reg
+        .txn(Txn {
+            then: vec![get],
+            ..Txn::default()
+        })
+        .await
+        .map_err(|e| e.during("read the keys"))?;
+    let count = r.results.iter().find_map(|res| match res {
+        OpResult::Get { count, .. } => Some(*count),
+        _ => None,
+    });
+    Ok((count.unwrap_or(0).max(0) as u64, r.revision))
+}
+
+/// Runs `f` against `reg` within `limit`, its error naming `op`: what
+/// etcd does not answer in time fails as [`ErrorKind::Unavailable`].
+pub async fn within<E: Etcd, T>(
+    reg: &mut E,
+    limit: Duration,
+    op: &'static str,
+    f: impl AsyncFnOnce(&mut E) -> Result<T, RegistryError>,
+) -> Result<T, RegistryError> {
+    match tokio::time::timeout(limit, f(reg)).await {
+        Ok(r) => r.map_err(|e| e.during(op)),
+        Err(_) => Err(RegistryError {
+            op,
+            endpoint: reg.endpoint().to_string(),
+            cause: format!("no answer within {}", humantime::format_duration(limit)),
+            kind: ErrorKind::Unavailable,
+        }),
+    }
 }
