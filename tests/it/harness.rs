@@ -111,6 +111,10 @@ pub mod bounds {
     /// machine.
     pub const HAPROXY: Duration = Duration::from_secs(30);
 
+    /// The longest the rollout tests' load generators run (each sends at
+    /// least a thousand requests through HAProxy, one after the other).
+    pub const LOAD: Duration = Duration::from_secs(120);
+
     /// Window of a negative check where the reaction that must not come
     /// would come at once (a `wait` ending on a change that does not
     /// satisfy it: one watch event, milliseconds): nothing in it means
