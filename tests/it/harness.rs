@@ -111,6 +111,15 @@ pub mod bounds {
     /// machine.
     pub const HAPROXY: Duration = Duration::from_secs(30);
 
+    /// A cluster that lost its leader elects another: a few election
+    /// timeouts (1 s each, etcd's default) on a loaded machine.
+    pub const ELECTION: Duration = Duration::from_secs(20);
+
+    /// Window of a negative check that an idle process does nothing (a
+    /// `wait` that watches reads nothing): longer than any poll period it
+    /// could have instead, and than the dial timeouts of these tests.
+    pub const IDLE: Duration = Duration::from_secs(2);
+
     /// The longest the rollout tests' load generators run (each sends at
     /// least a thousand requests through HAProxy, one after the other).
     pub const LOAD: Duration = Duration::from_secs(120);
@@ -128,6 +137,25 @@ pub mod bounds {
     /// `announce --wait-http` probes once a second (src/oneshot.rs, not a
     /// flag).
     pub const ANNOUNCE_PROBE_EVERY: Duration = Duration::from_secs(1);
+
+    /// The duration a flag's value gives (`300ms`, `2s`), as the sidekick
+    /// reads it.
+    pub fn flag(value: &str) -> Duration {
+        humantime::parse_duration(value).unwrap_or_else(|e| panic!("{value:?}: {e}"))
+    }
+
+    /// `sidekick wait` with `--dial-timeout dial` sees a change that
+    /// satisfies it: at once through its watch, or at its next read when
+    /// etcd was away (a backoff, then a read bounded by `dial`).
+    pub fn wait_reacts(dial: Duration) -> Duration {
+        WAIT_BACKOFF_CAP + dial + SLACK
+    }
+
+    /// Window of a negative check that a `sidekick wait` whose etcd is away
+    /// keeps waiting: a read or two fail meanwhile (each bounded by `dial`).
+    pub fn wait_retrying(dial: Duration) -> Duration {
+        2 * dial
+    }
 
     /// The most a running sidekick's measured reaction may take when its
     /// flags give `figure`.
