@@ -510,7 +510,7 @@ async fn cluster_leader_at_the_first_endpoint_killed() {
 
     etcd.kill(lead);
     // A new leader is elected within a few election timeouts.
-    let new_lead = eventually(SOON, || async {
+    let new_lead = eventually(ELECTION, || async {
         let mut c = c.clone();
         matches!(tokio::time::timeout(ETCD_PING, c.status()).await, Ok(Ok(st)) if st.leader() != 0)
     })
