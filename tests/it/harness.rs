@@ -157,6 +157,13 @@ pub mod bounds {
         2 * dial
     }
 
+    /// Long enough for an etcd simple token of `ttl` (`--auth-token-ttl`)
+    /// to have expired: etcd sweeps expired tokens once a second, so three
+    /// times a TTL of a second or more.
+    pub fn token_expired(ttl: Duration) -> Duration {
+        3 * ttl.max(Duration::from_secs(1))
+    }
+
     /// The most a running sidekick's measured reaction may take when its
     /// flags give `figure`.
     pub fn within(figure: Duration) -> Duration {
