@@ -398,6 +398,19 @@ where
     }
 }
 
+/// [`eventually`] for a test without a runtime: polls `cond` every
+/// [`POLL`] until it holds or `limit` passes.
+pub fn eventually_sync(limit: Duration, cond: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(POLL);
+    }
+    true
+}
+
 /// Lets `window` pass, for a negative check only: what must not happen has
 /// had that long to happen. Never use it to wait for something to happen;
 /// wait for the event with [`eventually`] instead.
