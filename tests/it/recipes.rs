@@ -6,13 +6,21 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use etcd_client::{Client, GetOptions};
 
+use crate::harness::bounds::*;
 use crate::harness::*;
 
-const SEC: Duration = Duration::from_secs(1);
+/// The short timings [`Documented::start`] gives through the flags'
+/// variables (`--interval 200ms` as `SIDEKICK_INTERVAL=200ms`, ...).
+const TIMING: [(&str, &str); 5] = [
+    ("--interval", "200ms"),
+    ("--timeout", "100ms"),
+    ("--ttl", "2s"),
+    ("--rise", "1"),
+    ("--dial-timeout", "1s"),
+];
 
 fn example(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(path)
@@ -81,16 +89,22 @@ impl Documented {
             .env("PATH", path)
             .env("SIDEKICK_ENV_FILE", "/nonexistent/etcd.environment")
             .env("SIDEKICK_ENDPOINTS", endpoints)
-            .env("SIDEKICK_INTERVAL", "200ms")
-            .env("SIDEKICK_TIMEOUT", "100ms")
-            .env("SIDEKICK_TTL", "2s")
-            .env("SIDEKICK_RISE", "1")
-            .env("SIDEKICK_DIAL_TIMEOUT", "1s")
+            .envs(TIMING.map(|(flag, v)| {
+                let name = flag.trim_start_matches("--").replace('-', "_").to_uppercase();
+                (format!("SIDEKICK_{name}"), v)
+            }))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
         Documented(child)
+    }
+
+    /// The figures of a documented line with [`TIMING`] (an HTTP probe).
+    fn figures() -> Figures {
+        let mut args = vec!["run", "KEY", "VALUE", "--http", "http://127.0.0.1/health"];
+        args.extend(TIMING.iter().flat_map(|(flag, v)| [*flag, *v]));
+        Figures::of(&args)
     }
 
     /// SIGTERM (which withdraws) and wait.
@@ -193,7 +207,8 @@ async fn coredns_recipe_writes_skydns_keys() {
     );
     let mut c = etcd.client(0).await;
     let key = format!("{prefix}/web/web3");
-    assert!(eventually(10 * SEC, || async { value(&mut c.clone(), &key).await.is_some() }).await);
+    let registered = Documented::figures().registration();
+    assert!(eventually(registered, || async { value(&mut c.clone(), &key).await.is_some() }).await);
 
     let found = under(&mut c, &format!("{path}/")).await;
     assert_eq!(found.len(), 1, "{found:?}");
@@ -211,7 +226,7 @@ async fn coredns_recipe_writes_skydns_keys() {
     assert!((1..=u64::from(u32::MAX)).contains(&ttl), "ttl {ttl}");
 
     sk.stop();
-    assert!(key_becomes(&c, &key, None, 5 * SEC).await, "withdrawn on SIGTERM");
+    assert!(key_becomes(&c, &key, None, SOON).await, "withdrawn on SIGTERM");
 }
 
 /// The root key and entry point come from traefik.yml; each instance's
@@ -254,11 +269,12 @@ async fn traefik_recipe_writes_servers_and_a_shared_router() {
     let mut c = etcd.client(0).await;
     let servers = format!("{root}/http/services/web/loadbalancer/servers/");
     let router = format!("{root}/http/routers/web/");
+    let registered = Documented::figures().registration();
     let first = instance("1");
-    assert!(key_becomes(&c, &format!("{router}service"), Some("web"), 10 * SEC).await);
+    assert!(key_becomes(&c, &format!("{router}service"), Some("web"), registered).await);
     let second = instance("3");
     let url = format!("http://127.0.0.1:{port}");
-    assert!(key_becomes(&c, &format!("{servers}3/url"), Some(&url), 10 * SEC).await);
+    assert!(key_becomes(&c, &format!("{servers}3/url"), Some(&url), registered).await);
 
     let found = under(&mut c, &format!("{root}/")).await;
     let keys: Vec<&str> = found.iter().map(|(k, _, _)| k.as_str()).collect();
@@ -298,9 +314,9 @@ async fn traefik_recipe_writes_servers_and_a_shared_router() {
     // The holder goes: its server goes, the router stays (put back by
     // the other instance).
     first.stop();
-    assert!(key_becomes(&c, &format!("{servers}1/url"), None, 5 * SEC).await);
-    assert!(key_becomes(&c, &format!("{router}rule"), Some("Host(`web.example.com`)"), 5 * SEC).await);
-    assert!(key_becomes(&c, &format!("{router}service"), Some("web"), 5 * SEC).await);
+    assert!(key_becomes(&c, &format!("{servers}1/url"), None, SOON).await);
+    assert!(key_becomes(&c, &format!("{router}rule"), Some("Host(`web.example.com`)"), SOON).await);
+    assert!(key_becomes(&c, &format!("{router}service"), Some("web"), SOON).await);
     let now = under(&mut c, &format!("{root}/")).await;
     let lease_of = |k: &str| now.iter().find(|(key, _, _)| key == k).map(|e| e.2);
     assert_eq!(
@@ -310,7 +326,7 @@ async fn traefik_recipe_writes_servers_and_a_shared_router() {
     );
     // The last one goes: nothing is left for Traefik to route to.
     second.stop();
-    let gone = eventually(5 * SEC, || {
+    let gone = eventually(SOON, || {
         let mut c = c.clone();
         let root = root.clone();
         async move { under(&mut c, &format!("{root}/")).await.is_empty() }
