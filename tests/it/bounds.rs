@@ -177,7 +177,7 @@ async fn a_key_held_elsewhere_is_warned_once_and_its_release_is_logged() {
     assert!(sk.logs("held elsewhere", f.reregistration()).await, "{}", sk.log());
     // Ten retries, each logged at debug level.
     assert!(
-        sk.logs_n("still held elsewhere", 10, f.retries(10)).await,
+        sk.logs_n("still held elsewhere", 10, f.etcd_attempts(10)).await,
         "{}",
         sk.log()
     );
@@ -187,7 +187,7 @@ async fn a_key_held_elsewhere_is_warned_once_and_its_release_is_logged() {
 
     // The other writer goes: the key is ours again, and the log says so.
     c.lease_revoke(theirs).await.unwrap();
-    assert!(key_becomes(&c, KEY, Some(VALUE), f.retry()).await, "{}", sk.log());
+    assert!(key_becomes(&c, KEY, Some(VALUE), f.etcd_attempts(1)).await, "{}", sk.log());
     assert!(sk.logs("free again", SOON).await, "{}", sk.log());
     assert!(sk.alive());
     drop(etcd);

@@ -34,10 +34,15 @@ use self::bounds::*;
 ///   misses by a dial timeout, a TTL or a hang, still fails;
 /// - an assertion that something did not come too soon allows [`EARLY`];
 /// - a negative check ("nothing happened during X") lets a named window
-///   pass with [`let_pass`](super::let_pass) or
+///   pass with [`let_pass`](super::let_pass),
+///   [`throughout`](super::throughout) or
 ///   [`Running::stays_running`](super::Running::stays_running): a window
 ///   of [`Figures`] when the sidekick's flags say how long, [`QUIET`] when
-///   the reaction that must not come would come at once.
+///   the reaction that must not come would come at once;
+/// - a scenario that must reach a state no event shows (a call retried
+///   silently after its backoff) lets time pass with
+///   [`advance`](super::advance), and its assertions hold whether or not
+///   it got there.
 pub mod bounds {
     use std::time::Duration;
 
@@ -130,6 +135,10 @@ pub mod bounds {
     /// nothing happened.
     pub const QUIET: Duration = Duration::from_secs(1);
 
+    /// etcd drops expired simple auth tokens once a second (etcd's
+    /// `simpleTokenTTLResolution`, not a flag).
+    pub const ETCD_TOKEN_SWEEP: Duration = Duration::from_secs(1);
+
     /// `sidekick wait`'s backoff between reads while etcd is away, at most
     /// (src/wait.rs, not a flag).
     pub const WAIT_BACKOFF_CAP: Duration = Duration::from_secs(2);
@@ -158,10 +167,10 @@ pub mod bounds {
     }
 
     /// Long enough for an etcd simple token of `ttl` (`--auth-token-ttl`)
-    /// to have expired: etcd sweeps expired tokens once a second, so three
-    /// times a TTL of a second or more.
+    /// to have expired: its TTL, and two of etcd's sweeps for expired
+    /// tokens.
     pub fn token_expired(ttl: Duration) -> Duration {
-        3 * ttl.max(Duration::from_secs(1))
+        ttl + 2 * ETCD_TOKEN_SWEEP
     }
 
     /// The most a running sidekick's measured reaction may take when its
@@ -273,24 +282,15 @@ impl Figures {
         self.register_after_etcd_back + SLACK
     }
 
-    /// A write tried again each interval (a key held elsewhere, put once
-    /// it is free): I + min(D, L/3).
-    pub fn retry(&self) -> Duration {
-        self.retries(1)
-    }
-
-    /// `n` such tries: n × (I + min(D, L/3)).
-    pub fn retries(&self, n: u32) -> Duration {
-        n * (self.interval() + self.etcd_call_bound) + SLACK
-    }
-
     /// `n` more probes started: n × I + T.
     pub fn probes(&self, n: u32) -> Duration {
         n * self.interval() + self.timeout() + SLACK
     }
 
-    /// `n` more failed etcd calls, each bounded by min(D, L/3) and followed
-    /// by a backoff of at most I: n × (min(D, L/3) + I).
+    /// `n` more etcd calls that leave the keys out (failed calls, puts of
+    /// a key held elsewhere), each bounded by min(D, L/3), the next one at
+    /// most an interval later (the backoff's cap, the retry of a held key):
+    /// n × (min(D, L/3) + I).
     pub fn etcd_attempts(&self, n: u32) -> Duration {
         n * (self.etcd_call_bound + self.interval()) + SLACK
     }
