@@ -112,6 +112,11 @@ struct Units {
     /// Every command handled, in order, and when: `start web@4`,
     /// `stop web_presence@1`, ...
     log: Vec<(Instant, String)>,
+    /// A client of etcd, to read what it holds when a stop comes.
+    etcd: etcd_client::Client,
+    /// The instances (N) etcd held under `HOSTS` when the first stop came,
+    /// read before that stop was carried out.
+    at_first_stop: Option<BTreeSet<String>>,
 }
 
 /// Carries out `start UNIT` or `stop UNIT` as systemd would: a start is
@@ -121,6 +126,18 @@ async fn command(units: &Mutex<Units>, line: &str) -> Result<(), String> {
     let unit = unit.strip_suffix(".service").unwrap_or(unit);
     let (kind, n) = unit.split_once('@').ok_or_else(|| format!("{unit}: no instance"))?;
     let n = n.to_string();
+    let first_stop = {
+        let u = units.lock().unwrap();
+        (action == "stop" && u.at_first_stop.is_none()).then(|| u.etcd.clone())
+    };
+    if let Some(mut c) = first_stop {
+        // What etcd holds at this moment, whatever the test's watcher has
+        // seen of it yet.
+        let r = c.get(HOSTS, Some(GetOptions::new().with_prefix())).await;
+        let r = r.map_err(|e| format!("reading {HOSTS}: {e}"))?;
+        let hosts = r.kvs().iter().map(|kv| kv.key_str().unwrap().trim_start_matches(HOSTS).to_string());
+        units.lock().unwrap().at_first_stop = Some(hosts.collect());
+    }
     let mut sidekick = {
         let mut u = units.lock().unwrap();
         u.log.push((Instant::now(), format!("{action} {unit}")));
@@ -273,6 +290,8 @@ impl Stage {
             instances: HashMap::new(),
             sidekicks: HashMap::new(),
             log: Vec::new(),
+            etcd: etcd.client(0).await,
+            at_first_stop: None,
         }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let unitctl = dir.path().join("unitctl");
@@ -493,20 +512,10 @@ impl Stage {
         self.units.lock().unwrap().log.iter().map(|(_, c)| c.clone()).collect()
     }
 
-    /// When the script first stopped a unit.
-    fn first_stop(&self) -> Option<Instant> {
-        let u = self.units.lock().unwrap();
-        u.log.iter().find(|(_, c)| c.starts_with("stop ")).map(|(at, _)| *at)
-    }
-
-    /// When the last of instances `ns` was first registered.
-    fn all_registered(&self, ns: &[&str]) -> Option<Instant> {
-        let events = self.events.lock().unwrap();
-        ns.iter()
-            .map(|n| events.iter().find(|(_, k, put)| k == n && *put).map(|(at, _, _)| *at))
-            .collect::<Option<Vec<_>>>()?
-            .into_iter()
-            .max()
+    /// The instances registered in etcd when the script first stopped a
+    /// unit.
+    fn at_first_stop(&self) -> Option<BTreeSet<String>> {
+        self.units.lock().unwrap().at_first_stop.clone()
     }
 
     /// Stops the watcher, the reloader and the control socket; returns
@@ -625,7 +634,7 @@ async fn rolling_update_through_haproxy_drops_no_request() {
     let keys = stage.keys().await;
     let unregistered = stage.served_unregistered(&r);
     let log = stage.unit_log();
-    let (first_stop, registered) = (stage.first_stop(), stage.all_registered(&["4", "5", "6"]));
+    let at_first_stop = stage.at_first_stop();
     let want_keys = stage.want_keys(&["4", "5", "6"]);
     let new_addrs: BTreeSet<_> = ["4", "5", "6"].map(|n| (n.to_string(), addr(&stage.units, n))).into();
     let logs = sidekick_logs(&stage.units);
@@ -651,8 +660,10 @@ async fn rolling_update_through_haproxy_drops_no_request() {
     assert_eq!(log, unit_commands(&["4", "5", "6"], &["1", "2", "3"]), "{stderr}");
     // No old instance left before every new one was registered.
     assert!(
-        registered.is_some() && first_stop.is_some() && registered < first_stop,
-        "new instances all registered at {registered:?}, first stop at {first_stop:?}"
+        at_first_stop
+            .as_ref()
+            .is_some_and(|at| ["4", "5", "6"].iter().all(|n| at.contains(*n))),
+        "instances registered when the first stop came: {at_first_stop:?}"
     );
     assert_eq!(keys, want_keys);
     assert_eq!(haproxy.servers(), new_addrs);
