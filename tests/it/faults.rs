@@ -500,6 +500,8 @@ async fn cluster_leader_at_the_first_endpoint_killed() {
     let url = backend.url();
     let (mut sk, _) = start_registered(&etcd, &fast_run(KEY, VALUE, &url, &eps, "1", "1")).await;
     let f = sk.figures();
+    // The key can be seen in etcd a moment before the line is logged.
+    assert!(sk.logs("registered", SOON).await, "{}", sk.log());
     let registered = lines(&sk.log(), "registered").concat();
     assert!(
         registered.contains(&etcd.url(lead)),
