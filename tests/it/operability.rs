@@ -70,6 +70,9 @@ async fn status_and_metrics_follow_the_instance() {
     let (_etcd, backend, sk, mut c) = registered_with(KEY, VALUE, "1", "1", |a| a.with("--status-addr", addr)).await;
     let f = sk.figures();
     assert_eq!(get_http(addr, "/healthz").0, 200);
+    // The key can be seen in etcd a moment before the board says so.
+    let on_board = || async { metric(addr, "sidekick_registered", &[]) == 1.0 };
+    assert!(eventually(SOON, on_board).await, "{}", sk.log());
 
     let s = status(addr);
     assert_eq!(s["state"], "up", "{s}");
