@@ -272,8 +272,10 @@ async fn traefik_recipe_writes_servers_and_a_shared_router() {
     let registered = Documented::figures().registration();
     let first = instance("1");
     assert!(key_becomes(&c, &format!("{router}service"), Some("web"), registered).await);
-    let second = instance("3");
     let url = format!("http://127.0.0.1:{port}");
+    // The router (shared) is put before the instance's own key.
+    assert!(key_becomes(&c, &format!("{servers}1/url"), Some(&url), SOON).await);
+    let second = instance("3");
     assert!(key_becomes(&c, &format!("{servers}3/url"), Some(&url), registered).await);
 
     let found = under(&mut c, &format!("{root}/")).await;
