@@ -44,7 +44,11 @@ async fn sigterm_with_etcd_frozen_exits_within_dial_timeout_plus_drain() {
     let f = sk.figures();
     let (dial, drain) = (f.inputs.dial_timeout, f.drain());
     let c = etcd.client(0).await;
-    assert!(key_becomes(&c, KEY, Some(VALUE), f.registration()).await, "{}", sk.log());
+    assert!(
+        key_becomes(&c, KEY, Some(VALUE), f.registration()).await,
+        "{}",
+        sk.log()
+    );
 
     let frozen = Frozen::freeze(etcd.pid(0));
     // The next keep-alive hangs for its whole bound and fails; the one
@@ -89,7 +93,11 @@ async fn a_hung_keep_alive_with_a_short_ttl_is_retried_before_expiry() {
     // The sidekick talks to the first endpoint; the test reads through the
     // second, which stays up.
     let mut c = etcd.client(1).await;
-    assert!(key_becomes(&c, KEY, Some(VALUE), f.registration()).await, "{}", sk.log());
+    assert!(
+        key_becomes(&c, KEY, Some(VALUE), f.registration()).await,
+        "{}",
+        sk.log()
+    );
     let lease = get(&mut c, KEY).await.unwrap().lease();
 
     let frozen = Frozen::freeze(etcd.pid(0));
@@ -187,7 +195,11 @@ async fn a_key_held_elsewhere_is_warned_once_and_its_release_is_logged() {
 
     // The other writer goes: the key is ours again, and the log says so.
     c.lease_revoke(theirs).await.unwrap();
-    assert!(key_becomes(&c, KEY, Some(VALUE), f.etcd_attempts(1)).await, "{}", sk.log());
+    assert!(
+        key_becomes(&c, KEY, Some(VALUE), f.etcd_attempts(1)).await,
+        "{}",
+        sk.log()
+    );
     assert!(sk.logs("free again", SOON).await, "{}", sk.log());
     assert!(sk.alive());
     drop(etcd);

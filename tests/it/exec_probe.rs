@@ -201,7 +201,11 @@ async fn run_registers_while_the_command_passes_and_withdraws_when_it_fails() {
     );
 
     std::fs::write(&flag, "").unwrap();
-    assert!(key_becomes(&c, key, Some("10.0.0.5"), f.reregistration()).await, "{}", sk.log());
+    assert!(
+        key_becomes(&c, key, Some("10.0.0.5"), f.reregistration()).await,
+        "{}",
+        sk.log()
+    );
     assert!(sk.log().contains("exit 0: ready"), "{}", sk.log());
 
     std::fs::remove_file(&flag).unwrap();

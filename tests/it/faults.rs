@@ -574,7 +574,11 @@ async fn first_endpoint_bad(bad: &str, max_warnings: usize) {
     // bad endpoint is not tried again.
     let_pass(f.keepalives(3)).await;
     backend.set_healthy(false);
-    assert!(key_becomes(&c, KEY, None, f.withdrawal()).await, "withdrawn: {}", sk.log());
+    assert!(
+        key_becomes(&c, KEY, None, f.withdrawal()).await,
+        "withdrawn: {}",
+        sk.log()
+    );
     assert!(sk.alive(), "{}", sk.log());
     // The key can be gone a moment before the line is logged.
     assert!(sk.logs("withdrawn: lease revoked", SOON).await, "{}", sk.log());
@@ -670,7 +674,11 @@ async fn flapping_every_probe_with_rise_2_fall_2_never_transitions() {
 
     // Steady again: registered after two successes.
     bad.set(Mode::Ok);
-    assert!(live_key_within(&c, KEY, f.reregistration()).await.is_some(), "{}", sk.log());
+    assert!(
+        live_key_within(&c, KEY, f.reregistration()).await.is_some(),
+        "{}",
+        sk.log()
+    );
     assert!(sk.alive(), "{}", sk.log());
     let log = sk.log();
     assert_eq!(transitions(&log), (2, 1), "{log}");
@@ -748,7 +756,11 @@ async fn a_100_mib_body_without_the_needle_fails_in_bounded_memory() {
     let (mut sk, c) = start_registered(&etcd, &args).await;
 
     bad.set(Mode::Huge);
-    assert!(key_becomes(&c, KEY, None, sk.figures().withdrawal()).await, "{}", sk.log());
+    assert!(
+        key_becomes(&c, KEY, None, sk.figures().withdrawal()).await,
+        "{}",
+        sk.log()
+    );
     let (peak, probes) = peak_rss(&sk, &bad, 10).await;
     assert!(probes >= 10, "not hung on the body: {probes} probes");
     assert!(sk.alive(), "{}", sk.log());

@@ -235,10 +235,18 @@ async fn run_follows_the_serving_status() {
     ]);
     let f = sk.figures();
     let c = etcd.client(0).await;
-    assert!(key_becomes(&c, key, Some(&addr), f.registration()).await, "{}", sk.log());
+    assert!(
+        key_becomes(&c, key, Some(&addr), f.registration()).await,
+        "{}",
+        sk.log()
+    );
     server.set("web.Api", ServingStatus::NotServing).await;
     assert!(key_becomes(&c, key, None, f.withdrawal()).await, "{}", sk.log());
     assert!(sk.log().contains("NOT_SERVING for service 'web.Api'"), "{}", sk.log());
     server.set("web.Api", ServingStatus::Serving).await;
-    assert!(key_becomes(&c, key, Some(&addr), f.reregistration()).await, "{}", sk.log());
+    assert!(
+        key_becomes(&c, key, Some(&addr), f.reregistration()).await,
+        "{}",
+        sk.log()
+    );
 }

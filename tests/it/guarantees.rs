@@ -43,7 +43,11 @@ async fn registered(etcd: &Etcd, rise: &str, fall: &str) -> (Backend, Running, e
     let (url, eps) = (backend.url(), etcd.endpoints());
     let sk = Running::start(&args(&eps, &url, rise, fall));
     let c = etcd.client(0).await;
-    assert!(key_becomes(&c, KEY, Some("v"), sk.figures().registration()).await, "{}", sk.log());
+    assert!(
+        key_becomes(&c, KEY, Some("v"), sk.figures().registration()).await,
+        "{}",
+        sk.log()
+    );
     (backend, sk, c)
 }
 
@@ -143,7 +147,11 @@ async fn registered_after_recovery_within_rise_intervals_plus_timeout() {
     let recovered = Instant::now();
     backend.set_healthy(true);
     let bound = f.register_after_recovery.unwrap();
-    assert!(key_becomes(&c, KEY, Some("v"), f.reregistration()).await, "{}", sk.log());
+    assert!(
+        key_becomes(&c, KEY, Some("v"), f.reregistration()).await,
+        "{}",
+        sk.log()
+    );
     let took = recovered.elapsed();
     assert!(took <= within(bound), "registered after {took:?}, bound {bound:?}");
     let gap = f.probe_every_least.unwrap();

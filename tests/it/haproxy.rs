@@ -142,8 +142,8 @@ impl Haproxy {
         // bound, and the master exits when one cannot be.
         let settled = eventually(HAPROXY, || {
             let exited = h.child.as_mut().unwrap().try_wait().unwrap().is_some();
-            let ok = exited
-                || h.workers().is_some_and(|w| !w.is_empty()) && TcpStream::connect(("127.0.0.1", port)).is_ok();
+            let ok =
+                exited || h.workers().is_some_and(|w| !w.is_empty()) && TcpStream::connect(("127.0.0.1", port)).is_ok();
             async move { ok }
         })
         .await;

@@ -208,7 +208,11 @@ async fn systemd_hears_ready_status_watchdog_and_stopping() {
     );
     let f = sk.figures();
     let c = etcd.client(0).await;
-    assert!(key_becomes(&c, KEY, Some(VALUE), f.registration()).await, "{}", sk.log());
+    assert!(
+        key_becomes(&c, KEY, Some(VALUE), f.registration()).await,
+        "{}",
+        sk.log()
+    );
     assert!(
         eventually(SOON, || async { notify.count("READY=1") == 1 }).await,
         "{:?}",
@@ -292,7 +296,11 @@ async fn maintenance_by_file_withdraws_and_probing_goes_on() {
     .await;
     let f = sk.figures();
     std::fs::write(&file, "").unwrap();
-    assert!(key_becomes(&c, KEY, None, f.withdrawal()).await, "withdrawn: {}", sk.log());
+    assert!(
+        key_becomes(&c, KEY, None, f.withdrawal()).await,
+        "withdrawn: {}",
+        sk.log()
+    );
     assert_eq!(status(addr)["state"], "maintenance");
     let hits = backend.hits();
     assert!(
@@ -300,7 +308,11 @@ async fn maintenance_by_file_withdraws_and_probing_goes_on() {
         "probing goes on in maintenance"
     );
     std::fs::remove_file(&file).unwrap();
-    assert!(key_becomes(&c, KEY, Some(VALUE), f.reregistration()).await, "back: {}", sk.log());
+    assert!(
+        key_becomes(&c, KEY, Some(VALUE), f.reregistration()).await,
+        "back: {}",
+        sk.log()
+    );
     assert_eq!(status(addr)["state"], "up");
     let log = sk.log();
     assert!(
@@ -325,6 +337,10 @@ async fn maintenance_by_signal_and_back_after_rise_successes() {
     assert!(get(&mut c.clone(), KEY).await.is_none());
     let hits = backend.hits();
     sk.signal("USR2");
-    assert!(key_becomes(&c, KEY, Some(VALUE), f.reregistration()).await, "{}", sk.log());
+    assert!(
+        key_becomes(&c, KEY, Some(VALUE), f.reregistration()).await,
+        "{}",
+        sk.log()
+    );
     assert!(backend.hits() >= hits + 3, "back only after rise (3) successes");
 }

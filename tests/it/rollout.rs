@@ -135,7 +135,10 @@ async fn command(units: &Mutex<Units>, line: &str) -> Result<(), String> {
         // seen of it yet.
         let r = c.get(HOSTS, Some(GetOptions::new().with_prefix())).await;
         let r = r.map_err(|e| format!("reading {HOSTS}: {e}"))?;
-        let hosts = r.kvs().iter().map(|kv| kv.key_str().unwrap().trim_start_matches(HOSTS).to_string());
+        let hosts = r
+            .kvs()
+            .iter()
+            .map(|kv| kv.key_str().unwrap().trim_start_matches(HOSTS).to_string());
         units.lock().unwrap().at_first_stop = Some(hosts.collect());
     }
     let mut sidekick = {
@@ -630,7 +633,9 @@ async fn rolling_update_through_haproxy_drops_no_request() {
     let stage = Stage::start(&[]).await;
     let r = stage.rollout("1,2,3", "4,5,6", "30s").await;
     let stderr = r.stderr();
-    stage.settled(&stage.want_keys(&["4", "5", "6"]), &["4", "5", "6"]).await;
+    stage
+        .settled(&stage.want_keys(&["4", "5", "6"]), &["4", "5", "6"])
+        .await;
     let keys = stage.keys().await;
     let unregistered = stage.served_unregistered(&r);
     let log = stage.unit_log();
@@ -688,7 +693,9 @@ async fn failed_rollout_leaves_the_old_instances_serving() {
     let old_addrs: BTreeSet<_> = ["1", "2", "3"].map(|n| (n.to_string(), addr(&stage.units, n))).into();
     let r = stage.rollout("1,2,3", "4,5,6", "3s").await;
     let stderr = r.stderr();
-    stage.settled(&stage.want_keys(&["1", "2", "3"]), &["1", "2", "3"]).await;
+    stage
+        .settled(&stage.want_keys(&["1", "2", "3"]), &["1", "2", "3"])
+        .await;
     let keys = stage.keys().await;
     let unregistered = stage.served_unregistered(&r);
     let log = stage.unit_log();

@@ -49,7 +49,11 @@ async fn unhealthy_removes_the_keys_and_recovery_brings_them_back() {
         "extra keys go too"
     );
     backend.set_healthy(true);
-    assert!(key_becomes(&c, KEY, Some(ADDR), f.reregistration()).await, "{}", sk.log());
+    assert!(
+        key_becomes(&c, KEY, Some(ADDR), f.reregistration()).await,
+        "{}",
+        sk.log()
+    );
     assert!(key_becomes(&c, "/services/web/scheme", Some("http"), SOON).await);
     // The key can be seen in etcd a moment before the line is logged.
     assert!(sk.logs_n("INFO registered", 2, SOON).await, "{}", sk.log());
@@ -94,7 +98,10 @@ async fn stops_on(sig: &str) {
     let (_etcd, _backend, mut sk, mut c) = registered(KEY, ADDR, "1", "1").await;
 
     sk.signal(sig);
-    let status = sk.exit_within(sk.figures().exit()).await.expect("exits after the signal");
+    let status = sk
+        .exit_within(sk.figures().exit())
+        .await
+        .expect("exits after the signal");
     assert_eq!(status.code(), Some(0), "{}", sk.log());
     // Revoked, not expired: gone at once, well inside the 2s TTL.
     assert!(get(&mut c, KEY).await.is_none(), "{}", sk.log());
@@ -216,7 +223,11 @@ async fn another_writers_key_survives_our_withdrawal() {
     c.put(KEY, "10.0.0.9:8080", Some(opts)).await.unwrap();
 
     backend.set_healthy(false);
-    assert!(sk.logs("withdrawn: lease revoked", f.withdrawal()).await, "{}", sk.log());
+    assert!(
+        sk.logs("withdrawn: lease revoked", f.withdrawal()).await,
+        "{}",
+        sk.log()
+    );
     assert_eq!(
         value(&mut c, KEY).await.as_deref(),
         Some("10.0.0.9:8080"),
@@ -225,7 +236,11 @@ async fn another_writers_key_survives_our_withdrawal() {
 
     // Recovery does not take it back either.
     backend.set_healthy(true);
-    assert!(sk.logs("key is held elsewhere", f.reregistration()).await, "{}", sk.log());
+    assert!(
+        sk.logs("key is held elsewhere", f.reregistration()).await,
+        "{}",
+        sk.log()
+    );
     // It tries again each interval: give it five more probes' worth of tries.
     let hits = backend.hits();
     assert!(eventually(f.probes(5), || async { backend.hits() >= hits + 5 }).await);
@@ -234,7 +249,11 @@ async fn another_writers_key_survives_our_withdrawal() {
 
     // Once theirs is gone, ours comes back by itself.
     c.lease_revoke(theirs).await.unwrap();
-    assert!(key_becomes(&c, KEY, Some(ADDR), f.etcd_attempts(1)).await, "{}", sk.log());
+    assert!(
+        key_becomes(&c, KEY, Some(ADDR), f.etcd_attempts(1)).await,
+        "{}",
+        sk.log()
+    );
 }
 
 #[tokio::test]

@@ -277,7 +277,11 @@ async fn a_wrong_password_is_a_clear_error_and_retried() {
         &[("SIDEKICK_PASSWORD", "wrong-pw-123")],
     );
     let f = sk.figures();
-    assert!(sk.logs("authentication failed", f.etcd_attempts(1)).await, "{}", sk.log());
+    assert!(
+        sk.logs("authentication failed", f.etcd_attempts(1)).await,
+        "{}",
+        sk.log()
+    );
     assert!(
         eventually(f.etcd_attempts(3), || async { retries(&sk.log()) >= 3 }).await,
         "{}",
@@ -451,7 +455,11 @@ async fn withdrawal_after_the_auth_token_expired() {
         &[("SIDEKICK_PASSWORD", "svc-Secret-4711")],
     );
     let f = sk.figures();
-    assert!(key_becomes(&root, KEY, Some("v"), f.registration()).await, "{}", sk.log());
+    assert!(
+        key_becomes(&root, KEY, Some("v"), f.registration()).await,
+        "{}",
+        sk.log()
+    );
     // Quiet for longer than the token lives (keep-alives come every 20s).
     advance(token_expired(token_ttl)).await;
     backend.set_healthy(false);
@@ -466,7 +474,11 @@ async fn withdrawal_after_the_auth_token_expired() {
 
     // And once more on SIGTERM, after another quiet spell.
     backend.set_healthy(true);
-    assert!(key_becomes(&root, KEY, Some("v"), f.reregistration()).await, "{}", sk.log());
+    assert!(
+        key_becomes(&root, KEY, Some("v"), f.reregistration()).await,
+        "{}",
+        sk.log()
+    );
     advance(token_expired(token_ttl)).await;
     sk.signal("TERM");
     assert_eq!(sk.exit_within(f.exit()).await.unwrap().code(), Some(0));
