@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use etcd_client::{Client, ConnectOptions, KeyValue};
 use etcd_sidekick::cli::{Cli, Command as Sub, ExplainArgs};
 use etcd_sidekick::explain::{self, Explanation};
@@ -208,10 +208,15 @@ impl std::ops::Deref for Figures {
 
 impl Figures {
     /// The figures of `args`, a `sidekick` argument list with `run` (global
-    /// flags may come first), as [`Running::start`] takes it.
+    /// flags may come first), as [`Running::start`] takes it. Like the
+    /// [`sidekick`] it starts, it reads no `SIDEKICK_*` variable.
     pub fn of<S: AsRef<str>>(args: &[S]) -> Figures {
         let argv = std::iter::once("sidekick").chain(args.iter().map(AsRef::as_ref));
-        let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("not a valid command line: {e}"));
+        let hermetic = Cli::command().mut_subcommand("run", |run| run.mut_args(|a| a.env(None)));
+        let cli = hermetic
+            .try_get_matches_from(argv)
+            .and_then(|m| Cli::from_arg_matches(&m))
+            .unwrap_or_else(|e| panic!("not a valid command line: {e}"));
         let Sub::Run(run) = cli.command else {
             panic!("figures are for `run`")
         };
