@@ -4,11 +4,10 @@
 
 use std::path::Path;
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use crate::harness::bounds::*;
 use crate::harness::*;
-
-const SEC: Duration = Duration::from_secs(1);
 
 fn check(cmd: &str, timeout: &str) -> Output {
     sidekick(&["check", "--exec", cmd, "--timeout", timeout])
@@ -82,13 +81,14 @@ fn a_command_that_forks_and_hangs_is_killed_with_its_whole_group() {
          sh -c 'sleep 300 & echo $! > {d}/grandchild; wait' & echo $! > {d}/child; \
          echo started; wait"
     );
+    let timeout = "1s";
     let start = Instant::now();
-    let out = check(&cmd, "1s");
+    let out = check(&cmd, timeout);
     let took = start.elapsed();
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.starts_with("unhealthy: timed out after 1s: started in "), "{text}");
-    assert!(took < 10 * SEC, "took {took:?}");
+    assert!(took < one_shot_within(flag(timeout)), "took {took:?}");
     assert_gone(dir.path(), &["shell", "child", "grandchild"], &["sh", "sleep"]);
 }
 
@@ -111,14 +111,15 @@ fn what_a_passing_command_leaves_behind_is_killed() {
 async fn megabytes_of_output_are_drained_and_the_exit_code_decides() {
     for (code, word) in [(0, "healthy"), (3, "unhealthy")] {
         let cmd = format!("echo first; head -c 300000000 /dev/zero; exit {code}");
-        let mut child = sidekick(&["check", "--exec", &cmd, "--timeout", "60s"])
+        let timeout = "60s";
+        let mut child = sidekick(&["check", "--exec", &cmd, "--timeout", timeout])
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         let pid = child.id();
         // The peak resident size, as long as the process is there to ask.
         let mut peak_kib = 0u64;
-        let deadline = Instant::now() + 60 * SEC;
+        let deadline = Instant::now() + one_shot_within(flag(timeout));
         while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
             if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
                 if let Some(kib) = status
@@ -129,7 +130,7 @@ async fn megabytes_of_output_are_drained_and_the_exit_code_decides() {
                     peak_kib = peak_kib.max(kib);
                 }
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(SAMPLE).await;
         }
         let out = child.wait_with_output().unwrap();
         let text = stdout(&out);
@@ -145,13 +146,14 @@ async fn megabytes_of_output_are_drained_and_the_exit_code_decides() {
 fn a_command_that_closes_its_output_and_keeps_running_meets_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display();
+    let timeout = "1s";
     let start = Instant::now();
-    let out = check(&format!("echo $$ > {d}/pid; exec >&- 2>&-; exec sleep 300"), "1s");
+    let out = check(&format!("echo $$ > {d}/pid; exec >&- 2>&-; exec sleep 300"), timeout);
     let took = start.elapsed();
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.starts_with("unhealthy: timed out after 1s in "), "{text}");
-    assert!(took < 10 * SEC, "took {took:?}");
+    assert!(took < one_shot_within(flag(timeout)), "took {took:?}");
     assert_gone(dir.path(), &["pid"], &["sleep"]);
 }
 
@@ -189,23 +191,24 @@ async fn run_registers_while_the_command_passes_and_withdraws_when_it_fails() {
         "--endpoints",
         &eps,
     ]);
+    let f = sk.figures();
     let c = etcd.client(0).await;
     let mut c2 = c.clone();
-    assert!(
-        eventually(10 * SEC, || async { sk.log().contains("no flag file") }).await,
-        "{}",
-        sk.log()
-    );
+    assert!(sk.logs("no flag file", f.probes(1)).await, "{}", sk.log());
     assert!(
         value(&mut c2, key).await.is_none(),
         "not registered while the command fails"
     );
 
     std::fs::write(&flag, "").unwrap();
-    assert!(key_becomes(&c, key, Some("10.0.0.5"), 10 * SEC).await, "{}", sk.log());
+    assert!(
+        key_becomes(&c, key, Some("10.0.0.5"), f.reregistration()).await,
+        "{}",
+        sk.log()
+    );
     assert!(sk.log().contains("exit 0: ready"), "{}", sk.log());
 
     std::fs::remove_file(&flag).unwrap();
-    assert!(key_becomes(&c, key, None, 10 * SEC).await, "{}", sk.log());
+    assert!(key_becomes(&c, key, None, f.withdrawal()).await, "{}", sk.log());
     assert!(sk.log().contains("instance is down"), "{}", sk.log());
 }

@@ -4,7 +4,8 @@
 
 use std::net::SocketAddr;
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::sync::mpsc;
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 use tonic::codegen::tokio_stream::wrappers::TcpListenerStream;
@@ -12,9 +13,8 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+use crate::harness::bounds::*;
 use crate::harness::*;
-
-const SEC: Duration = Duration::from_secs(1);
 
 /// A `grpc.health.v1` server on 127.0.0.1, in a thread with its own
 /// runtime so the test may block on the sidekick binary meanwhile.
@@ -158,21 +158,25 @@ async fn a_closed_port_and_a_stopped_server_fail_at_once() {
 fn a_server_that_never_answers_meets_the_timeout() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
+    let (release, released) = mpsc::channel::<()>();
     let held = std::thread::spawn(move || {
         let mut conns = Vec::new();
-        // The probe's one connection, held open and unanswered.
+        // The probe's one connection, held open and unanswered until the
+        // probe is over.
         if let Ok((c, _)) = listener.accept() {
             conns.push(c);
         }
-        std::thread::sleep(Duration::from_secs(3));
+        let _ = released.recv_timeout(HANG);
     });
+    let timeout = "1s";
     let start = Instant::now();
-    let (code, text) = check(&["--grpc", &addr, "--timeout", "1s"]);
+    let (code, text) = check(&["--grpc", &addr, "--timeout", timeout]);
     let took = start.elapsed();
+    release.send(()).unwrap();
+    held.join().unwrap();
     assert_eq!(code, Some(1), "{text}");
     assert!(text.starts_with("unhealthy: timed out after 1s "), "{text}");
-    assert!(took < 10 * SEC, "took {took:?}");
-    held.join().unwrap();
+    assert!(took < one_shot_within(flag(timeout)), "took {took:?}");
 }
 
 #[tokio::test]
@@ -229,11 +233,20 @@ async fn run_follows_the_serving_status() {
         "--endpoints",
         &eps,
     ]);
+    let f = sk.figures();
     let c = etcd.client(0).await;
-    assert!(key_becomes(&c, key, Some(&addr), 10 * SEC).await, "{}", sk.log());
+    assert!(
+        key_becomes(&c, key, Some(&addr), f.registration()).await,
+        "{}",
+        sk.log()
+    );
     server.set("web.Api", ServingStatus::NotServing).await;
-    assert!(key_becomes(&c, key, None, 10 * SEC).await, "{}", sk.log());
+    assert!(key_becomes(&c, key, None, f.withdrawal()).await, "{}", sk.log());
     assert!(sk.log().contains("NOT_SERVING for service 'web.Api'"), "{}", sk.log());
     server.set("web.Api", ServingStatus::Serving).await;
-    assert!(key_becomes(&c, key, Some(&addr), 10 * SEC).await, "{}", sk.log());
+    assert!(
+        key_becomes(&c, key, Some(&addr), f.reregistration()).await,
+        "{}",
+        sk.log()
+    );
 }

@@ -21,14 +21,18 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use crate::harness::bounds::*;
 use crate::harness::*;
 
 const PREFIX: &str = "/services/web/";
-const SEC: Duration = Duration::from_secs(1);
-/// The sidekicks' probe interval; jitter only shortens it, by up to 10 %.
-const INTERVAL: Duration = Duration::from_millis(200);
 /// Requests sent through HAProxy in each phase.
 const REQUESTS: u64 = 40;
+/// What HAProxy logs, before it exits, when a port it should listen on is
+/// taken.
+const BIND_FAILED: &str = "cannot bind socket";
+/// How many times HAProxy is started again on a fresh port after its
+/// frontend port was taken.
+const PORT_RETRIES: usize = 5;
 
 /// The `haproxy` binary, or a failure that says how to get it.
 pub(crate) fn haproxy_bin() -> PathBuf {
@@ -93,9 +97,28 @@ pub(crate) struct Haproxy {
 }
 
 impl Haproxy {
-    /// `haproxy -W -S DIR/master.sock -f CFG`, in the foreground; waits until
-    /// a worker serves the frontend.
-    pub(crate) async fn start(bin: &Path, cfg: &Path, dir: &Path, port: u16) -> Haproxy {
+    /// `haproxy -W -S DIR/master.sock -f CFG`, in the foreground, with its
+    /// frontend on a fresh port for which `render(port)` has written CFG;
+    /// waits until a worker serves the frontend. The port is free when
+    /// [`free_port`] picks it, not necessarily when HAProxy binds it: when
+    /// another process took it meanwhile, HAProxy exits saying so, and it is
+    /// started again on another port, as the harness's etcd is.
+    pub(crate) async fn start(bin: &Path, cfg: &Path, dir: &Path, mut render: impl FnMut(u16)) -> Haproxy {
+        for attempt in 1..=PORT_RETRIES {
+            let port = free_port();
+            render(port);
+            match Self::spawn(bin, cfg, dir, port).await {
+                Ok(h) => return h,
+                Err(log) => eprintln!("haproxy start {attempt}: port {port} was taken, trying another:\n{log}"),
+            }
+        }
+        panic!("haproxy found its port taken {PORT_RETRIES} times in a row");
+    }
+
+    /// One start on `port`: `Err` with HAProxy's log when it exited because
+    /// the port was taken; any other exit, or no worker serving within
+    /// [`HAPROXY`], fails the test.
+    async fn spawn(bin: &Path, cfg: &Path, dir: &Path, port: u16) -> Result<Haproxy, String> {
         let master = dir.join("master.sock");
         let log = dir.join("haproxy.log");
         let child = Command::new(bin)
@@ -115,14 +138,25 @@ impl Haproxy {
             log,
             port,
         };
-        let up = eventually(10 * SEC, || {
-            let ok = h.workers().is_some_and(|w| !w.is_empty()) && TcpStream::connect(("127.0.0.1", port)).is_ok();
+        // Serving, or gone: a worker exists only once every listener is
+        // bound, and the master exits when one cannot be.
+        let settled = eventually(HAPROXY, || {
+            let exited = h.child.as_mut().unwrap().try_wait().unwrap().is_some();
+            let ok =
+                exited || h.workers().is_some_and(|w| !w.is_empty()) && TcpStream::connect(("127.0.0.1", port)).is_ok();
             async move { ok }
         })
         .await;
-        h.assert_alive();
-        assert!(up, "haproxy did not start serving on {port}:\n{}", h.log());
-        h
+        if let Some(st) = h.child.as_mut().unwrap().try_wait().unwrap() {
+            h.child = None;
+            let log = h.log();
+            if log.contains(BIND_FAILED) {
+                return Err(log);
+            }
+            panic!("haproxy exited ({st}):\n{log}");
+        }
+        assert!(settled, "haproxy did not start serving on {port}:\n{}", h.log());
+        Ok(h)
     }
 
     pub(crate) fn log(&self) -> String {
@@ -138,15 +172,7 @@ impl Haproxy {
     /// One command on the master CLI; `None` while the master does not
     /// answer (it re-executes itself on reload).
     pub(crate) fn cli(&self, command: &str) -> Option<String> {
-        let mut s = UnixStream::connect(&self.master).ok()?;
-        s.set_read_timeout(Some(2 * SEC)).ok()?;
-        s.set_write_timeout(Some(2 * SEC)).ok()?;
-        s.write_all(format!("{command}\n").as_bytes()).ok()?;
-        // The CLI answers once our side is closed for writing.
-        s.shutdown(std::net::Shutdown::Write).ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out)
+        master_cli(&self.master, command)
     }
 
     /// PIDs of the workers, current and old, from `show proc`.
@@ -171,7 +197,7 @@ impl Haproxy {
         assert!(!old.is_empty(), "haproxy has a worker before the reload");
         // The master re-executes itself and may drop this connection.
         let _ = self.cli("reload");
-        let done = eventually(10 * SEC, || {
+        let done = eventually(HAPROXY, || {
             let ok = self.workers().is_some_and(|w| !w.is_empty() && w.is_disjoint(&old));
             async move { ok }
         })
@@ -179,27 +205,58 @@ impl Haproxy {
         self.assert_alive();
         assert!(
             done,
-            "haproxy did not replace workers {old:?} within 10s:\n{}",
+            "haproxy did not replace workers {old:?} within {HAPROXY:?}:\n{}",
             self.log()
         );
     }
 
     /// The servers of backend `web` in the running worker: (name, addr:port).
     pub(crate) fn servers(&self) -> BTreeSet<(String, String)> {
-        let out = self.cli("@1 show servers state web").expect("the master CLI answers");
-        let header: Vec<&str> = out
-            .lines()
-            .find_map(|l| l.strip_prefix("# be_id"))
-            .map(|rest| std::iter::once("be_id").chain(rest.split_whitespace()).collect())
-            .unwrap_or_else(|| panic!("no header in 'show servers state':\n{out}"));
-        let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
-        let (name, addr, port) = (col("srv_name"), col("srv_addr"), col("srv_port"));
+        let out = self.cli(SHOW_SERVERS).expect("the master CLI answers");
+        parse_servers(&out).unwrap_or_else(|| panic!("no header in 'show servers state':\n{out}"))
+    }
+}
+
+/// One command on the master CLI at `master`; `None` while the master does
+/// not answer (it re-executes itself on reload).
+fn master_cli(master: &Path, command: &str) -> Option<String> {
+    let mut s = UnixStream::connect(master).ok()?;
+    s.set_read_timeout(Some(IO)).ok()?;
+    s.set_write_timeout(Some(IO)).ok()?;
+    s.write_all(format!("{command}\n").as_bytes()).ok()?;
+    // The CLI answers once our side is closed for writing.
+    s.shutdown(std::net::Shutdown::Write).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// What lists the servers of backend `web` in the running worker.
+const SHOW_SERVERS: &str = "@1 show servers state web";
+
+/// The servers of backend `web` in the running worker of the HAProxy whose
+/// master CLI is at `master`: (name, addr:port); `None` while it does not
+/// tell (the master re-executes itself on reload, a new worker starts).
+pub(crate) fn servers_at(master: &Path) -> Option<BTreeSet<(String, String)>> {
+    parse_servers(&master_cli(master, SHOW_SERVERS)?)
+}
+
+/// The (name, addr:port) rows of a `show servers state` answer; `None`
+/// without its header.
+fn parse_servers(out: &str) -> Option<BTreeSet<(String, String)>> {
+    let header: Vec<&str> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("# be_id"))
+        .map(|rest| std::iter::once("be_id").chain(rest.split_whitespace()).collect())?;
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let (name, addr, port) = (col("srv_name"), col("srv_addr"), col("srv_port"));
+    Some(
         out.lines()
             .map(|l| l.split_whitespace().collect::<Vec<_>>())
             .filter(|f| f.len() == header.len() && !f[0].starts_with('#'))
             .map(|f| (f[name].to_string(), format!("{}:{}", f[addr], f[port])))
-            .collect()
-    }
+            .collect(),
+    )
 }
 
 impl Drop for Haproxy {
@@ -208,9 +265,9 @@ impl Drop for Haproxy {
             // SIGTERM lets the master stop its workers; SIGKILL if it does not.
             if c.try_wait().ok().flatten().is_none() {
                 signal(c.id(), "TERM");
-                let deadline = Instant::now() + 5 * SEC;
+                let deadline = Instant::now() + STOP;
                 while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
+                    std::thread::sleep(SAMPLE);
                 }
                 let _ = c.kill();
             }
@@ -223,8 +280,8 @@ impl Drop for Haproxy {
 /// what went wrong.
 pub(crate) fn get_through(port: u16, path: &str) -> Result<(u16, String), String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(5 * SEC)).unwrap();
-    s.set_write_timeout(Some(5 * SEC)).unwrap();
+    s.set_read_timeout(Some(IO)).unwrap();
+    s.set_write_timeout(Some(IO)).unwrap();
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: web.test\r\nConnection: close\r\n\r\n").as_bytes())
         .map_err(|e| format!("write: {e}"))?;
     let mut raw = Vec::new();
@@ -249,12 +306,12 @@ struct Burst {
     /// Connections each backend accepted during the burst, probes included.
     hits: [u64; 2],
     /// The most probe connections one backend can have accepted in that
-    /// time: probes start at least 0.9 × interval apart, plus one at each
-    /// edge of the window.
+    /// time: probes start at least `gap` apart (0.9 × interval, jitter only
+    /// shortening it), plus one at each edge of the window.
     probe_bound: u64,
 }
 
-fn burst(port: u16, backends: [&Backend; 2]) -> Burst {
+fn burst(port: u16, backends: [&Backend; 2], gap: Duration) -> Burst {
     let before = backends.map(Backend::hits);
     let start = Instant::now();
     let mut bad = Vec::new();
@@ -267,7 +324,7 @@ fn burst(port: u16, backends: [&Backend; 2]) -> Burst {
     }
     let elapsed = start.elapsed();
     let after = backends.map(Backend::hits);
-    let probe_bound = (elapsed.as_secs_f64() / (INTERVAL.as_secs_f64() * 0.9)).floor() as u64 + 2;
+    let probe_bound = (elapsed.as_secs_f64() / gap.as_secs_f64()).floor() as u64 + 2;
     Burst {
         bad,
         hits: [after[0] - before[0], after[1] - before[1]],
@@ -291,10 +348,13 @@ async fn haproxy_routes_only_to_healthy_instances_through_render_and_reload() {
     let sk1 = Running::start(&fast_run(keys[0], &addrs[0], &urls[0], &eps, "1", "1"));
     let sk2 = Running::start(&fast_run(keys[1], &addrs[1], &urls[1], &eps, "1", "1"));
     let logs = || format!("sidekick 1:\n{}\nsidekick 2:\n{}", sk1.log(), sk2.log());
+    // Both sidekicks have the same flags.
+    let f = sk1.figures();
+    let gap = f.probe_every_least.unwrap();
     let c = etcd.client(0).await;
     for i in 0..2 {
         assert!(
-            key_becomes(&c, keys[i], Some(&addrs[i]), 10 * SEC).await,
+            key_becomes(&c, keys[i], Some(&addrs[i]), f.registration()).await,
             "{} never registered\n{}",
             keys[i],
             logs()
@@ -303,15 +363,18 @@ async fn haproxy_routes_only_to_healthy_instances_through_render_and_reload() {
 
     let dir: TempDir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("haproxy.cfg");
-    let port = free_port();
-    let text = render(&cfg, dir.path(), port, &eps);
+    let mut haproxy = Haproxy::start(&bin, &cfg, dir.path(), |port| {
+        render(&cfg, dir.path(), port, &eps);
+    })
+    .await;
+    let port = haproxy.port;
+    let text = std::fs::read_to_string(&cfg).unwrap();
     assert!(text.contains("master-worker"), "{text}");
-    let mut haproxy = Haproxy::start(&bin, &cfg, dir.path(), port).await;
     assert_eq!(haproxy.servers(), both(&addrs), "rendered:\n{text}");
 
     // Both healthy: round-robin gives each about half, far beyond what
     // probes could explain.
-    let up = burst(haproxy.port, [&b[0], &b[1]]);
+    let up = burst(port, [&b[0], &b[1]], gap);
     assert!(up.bad.is_empty(), "{up:?}\n{}", haproxy.log());
     for i in 0..2 {
         assert!(
@@ -325,11 +388,11 @@ async fn haproxy_routes_only_to_healthy_instances_through_render_and_reload() {
     // configuration lists only backend 2, and no request reaches backend 1.
     b[0].set_healthy(false);
     assert!(
-        key_becomes(&c, keys[0], None, 10 * SEC).await,
+        key_becomes(&c, keys[0], None, f.withdrawal()).await,
         "the unhealthy backend's key stayed\n{}",
         logs()
     );
-    assert!(key_becomes(&c, keys[1], Some(&addrs[1]), SEC).await, "{}", logs());
+    assert!(key_becomes(&c, keys[1], Some(&addrs[1]), SOON).await, "{}", logs());
     let text = render(&cfg, dir.path(), port, &eps);
     assert!(!text.contains(&addrs[0]), "{text}");
     haproxy.reload().await;
@@ -338,7 +401,7 @@ async fn haproxy_routes_only_to_healthy_instances_through_render_and_reload() {
         [("2".to_string(), addrs[1].clone())].into(),
         "rendered:\n{text}"
     );
-    let down = burst(haproxy.port, [&b[0], &b[1]]);
+    let down = burst(port, [&b[0], &b[1]], gap);
     // Backend 1 answers 503 to everything now: every 200 came from backend 2.
     assert!(down.bad.is_empty(), "{down:?}\n{}", haproxy.log());
     assert!(
@@ -350,14 +413,14 @@ async fn haproxy_routes_only_to_healthy_instances_through_render_and_reload() {
     // Recovery: the key returns, and after render + reload both serve again.
     b[0].set_healthy(true);
     assert!(
-        key_becomes(&c, keys[0], Some(&addrs[0]), 10 * SEC).await,
+        key_becomes(&c, keys[0], Some(&addrs[0]), f.reregistration()).await,
         "the recovered backend's key did not return\n{}",
         logs()
     );
     let text = render(&cfg, dir.path(), port, &eps);
     haproxy.reload().await;
     assert_eq!(haproxy.servers(), both(&addrs), "rendered:\n{text}");
-    let again = burst(haproxy.port, [&b[0], &b[1]]);
+    let again = burst(port, [&b[0], &b[1]], gap);
     assert!(again.bad.is_empty(), "{again:?}\n{}", haproxy.log());
     for i in 0..2 {
         assert!(

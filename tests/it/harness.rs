@@ -1,5 +1,6 @@
 //! Test parts: real etcd servers on free loopback ports, a controllable HTTP
-//! backend, and a builder for the `sidekick` binary.
+//! backend, a builder for the `sidekick` binary, and every timing bound of
+//! the tests ([`bounds`], [`Figures`]).
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
@@ -10,8 +11,325 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use clap::{CommandFactory, FromArgMatches};
 use etcd_client::{Client, ConnectOptions, KeyValue};
+use etcd_sidekick::cli::{Cli, Command as Sub, ExplainArgs};
+use etcd_sidekick::explain::{self, Explanation};
 use tempfile::TempDir;
+
+use self::bounds::*;
+
+/// Every timing bound of the integration tests, in one place.
+///
+/// The machine the tests run on may be a loaded 2-core box with builds
+/// beside them, so no bound here hopes for a quiet machine:
+///
+/// - a wait for something a sidekick's flags say comes within a figure
+///   waits that figure plus [`SLACK`] (see [`Figures`]), and a wait for
+///   something no flag governs waits [`SOON`]; both only cost time when
+///   the test fails, so they are generous;
+/// - an assertion that a measured reaction came in time allows its figure
+///   plus [`LATE`] (a running sidekick) or [`ONE_SHOT_LATE`] (a command
+///   started for the measurement), small enough that a broken bound, which
+///   misses by a dial timeout, a TTL or a hang, still fails;
+/// - an assertion that something did not come too soon allows [`EARLY`];
+/// - a negative check ("nothing happened during X") lets a named window
+///   pass with [`let_pass`](super::let_pass),
+///   [`throughout`](super::throughout) or
+///   [`Running::stays_running`](super::Running::stays_running): a window
+///   of [`Figures`] when the sidekick's flags say how long, [`QUIET`] when
+///   the reaction that must not come would come at once;
+/// - a scenario that must reach a state no event shows (a call retried
+///   silently after its backoff) lets time pass with
+///   [`advance`](super::advance), and its assertions hold whether or not
+///   it got there.
+pub mod bounds {
+    use std::time::Duration;
+
+    /// Added to a figure the flags give, for a wait: a sidekick process
+    /// starting, scheduling of the sidekick, etcd (whose writes wait for
+    /// fsync on a busy disk) and the test on two busy cores, and etcd's
+    /// round trips, which the figures leave out. Only a failing test waits
+    /// it out.
+    pub const SLACK: Duration = Duration::from_secs(10);
+
+    /// A wait for what follows at once from an event already seen, with no
+    /// flag to govern it: a log line written after the etcd call it
+    /// reports, a metric after a state change, a watcher after a wait
+    /// process has started, a key after a process that revoked it exited.
+    pub const SOON: Duration = SLACK;
+
+    /// How much later than its figure a running sidekick's reaction,
+    /// measured from the test, may come and still count as within it:
+    /// scheduling on two busy cores, an etcd write's fsync, and the test's
+    /// own poll. Part of what is asserted, so well below what a broken
+    /// bound adds (a dial timeout of 3 s, a TTL of 3 s in those tests).
+    pub const LATE: Duration = Duration::from_millis(1500);
+
+    /// [`LATE`] for a command started only to be timed (`check`,
+    /// `announce`, `wait`, ...): it adds the process's start and exit, which
+    /// a loaded machine can stretch to seconds. Below what the broken
+    /// behaviour costs in those tests (a server that stalls for twice the
+    /// bound, `sleep 300`, a wait's 30 s timeout).
+    pub const ONE_SHOT_LATE: Duration = Duration::from_secs(5);
+
+    /// How much sooner than a minimum its flags set a measured time may
+    /// come out: the test reads its clock just after the event it times
+    /// from (a signal sent, a key seen gone), and timers round.
+    pub const EARLY: Duration = Duration::from_millis(100);
+
+    /// How often a condition is polled.
+    pub const POLL: Duration = Duration::from_millis(50);
+
+    /// How often a measurement samples (a process's exit for its timing,
+    /// its resident size for the peak): finer than [`POLL`].
+    pub const SAMPLE: Duration = Duration::from_millis(10);
+
+    /// etcd started (one member or three) until every member serves a
+    /// linearizable read: a cold start, an election, fsyncs on a busy disk.
+    pub const ETCD_READY: Duration = Duration::from_secs(60);
+
+    /// One readiness read of an etcd member while it starts; a slower
+    /// answer is just tried again, until [`ETCD_READY`].
+    pub const ETCD_PING: Duration = Duration::from_secs(2);
+
+    /// A stopped process's ports to be free again, before a restart on
+    /// the same ports is tried again.
+    pub const PORT_FREE: Duration = Duration::from_secs(10);
+
+    /// Read and write timeouts of the test's own sockets (its HTTP
+    /// backends, clients and control sockets): a peer that never answers
+    /// fails the exchange instead of hanging the test.
+    pub const IO: Duration = Duration::from_secs(5);
+
+    /// A process that is expected to end by itself, and how long the test
+    /// gives it before it fails (instead of hanging) on a process that
+    /// does not.
+    pub const HANG: Duration = Duration::from_secs(60);
+
+    /// A process of the test's own (HAProxy) given SIGTERM, before it gets
+    /// SIGKILL.
+    pub const STOP: Duration = Duration::from_secs(10);
+
+    /// HAProxy started until a worker serves, or reloaded until only new
+    /// workers remain: a process start and a configuration parse on a busy
+    /// machine.
+    pub const HAPROXY: Duration = Duration::from_secs(30);
+
+    /// A cluster that lost its leader elects another: a few election
+    /// timeouts (1 s each, etcd's default) on a loaded machine.
+    pub const ELECTION: Duration = Duration::from_secs(20);
+
+    /// Window of a negative check that an idle process does nothing (a
+    /// `wait` that watches reads nothing): longer than any poll period it
+    /// could have instead, and than the dial timeouts of these tests.
+    pub const IDLE: Duration = Duration::from_secs(2);
+
+    /// The longest the rollout tests' load generators run (each sends at
+    /// least a thousand requests through HAProxy, one after the other).
+    pub const LOAD: Duration = Duration::from_secs(120);
+
+    /// Window of a negative check where the reaction that must not come
+    /// would come at once (a `wait` ending on a change that does not
+    /// satisfy it: one watch event, milliseconds): nothing in it means
+    /// nothing happened.
+    pub const QUIET: Duration = Duration::from_secs(1);
+
+    /// etcd drops expired simple auth tokens once a second (etcd's
+    /// `simpleTokenTTLResolution`, not a flag).
+    pub const ETCD_TOKEN_SWEEP: Duration = Duration::from_secs(1);
+
+    /// `sidekick wait`'s backoff between reads while etcd is away, at most
+    /// (src/wait.rs, not a flag).
+    pub const WAIT_BACKOFF_CAP: Duration = Duration::from_secs(2);
+
+    /// `announce --wait-http` probes once a second (src/oneshot.rs, not a
+    /// flag).
+    pub const ANNOUNCE_PROBE_EVERY: Duration = Duration::from_secs(1);
+
+    /// The duration a flag's value gives (`300ms`, `2s`), as the sidekick
+    /// reads it.
+    pub fn flag(value: &str) -> Duration {
+        humantime::parse_duration(value).unwrap_or_else(|e| panic!("{value:?}: {e}"))
+    }
+
+    /// `sidekick wait` with `--dial-timeout dial` sees a change that
+    /// satisfies it: at once through its watch, or at its next read when
+    /// etcd was away (a backoff, then a read bounded by `dial`).
+    pub fn wait_reacts(dial: Duration) -> Duration {
+        WAIT_BACKOFF_CAP + dial + SLACK
+    }
+
+    /// Window of a negative check that a `sidekick wait` whose etcd is away
+    /// keeps waiting: a read or two fail meanwhile (each bounded by `dial`).
+    pub fn wait_retrying(dial: Duration) -> Duration {
+        2 * dial
+    }
+
+    /// Long enough for an etcd simple token of `ttl` (`--auth-token-ttl`)
+    /// to have expired: its TTL, and two of etcd's sweeps for expired
+    /// tokens.
+    pub fn token_expired(ttl: Duration) -> Duration {
+        ttl + 2 * ETCD_TOKEN_SWEEP
+    }
+
+    /// The most a running sidekick's measured reaction may take when its
+    /// flags give `figure`.
+    pub fn within(figure: Duration) -> Duration {
+        figure + LATE
+    }
+
+    /// The most a command started to be timed may take when its flags give
+    /// `figure`.
+    pub fn one_shot_within(figure: Duration) -> Duration {
+        figure + ONE_SHOT_LATE
+    }
+
+    /// The least a measured time may come out when the flags make
+    /// `figure` its minimum.
+    pub fn at_least(figure: Duration) -> Duration {
+        figure.saturating_sub(EARLY)
+    }
+}
+
+/// What a `sidekick run` command line's flags make of its timing: the
+/// figures of `sidekick explain` for the same flags (its arithmetic is
+/// checked against the README by a unit test), and the waits and windows
+/// of the tests derived from them. Dereferences to the [`Explanation`].
+#[derive(Debug, Clone)]
+pub struct Figures(Explanation);
+
+impl std::ops::Deref for Figures {
+    type Target = Explanation;
+    fn deref(&self) -> &Explanation {
+        &self.0
+    }
+}
+
+impl Figures {
+    /// The figures of `args`, a `sidekick` argument list with `run` (global
+    /// flags may come first), as [`Running::start`] takes it. Like the
+    /// [`sidekick`] it starts, it reads no `SIDEKICK_*` variable.
+    pub fn of<S: AsRef<str>>(args: &[S]) -> Figures {
+        let argv = std::iter::once("sidekick").chain(args.iter().map(AsRef::as_ref));
+        let hermetic = Cli::command().mut_subcommand("run", |run| run.mut_args(|a| a.env(None)));
+        let cli = hermetic
+            .try_get_matches_from(argv)
+            .and_then(|m| Cli::from_arg_matches(&m))
+            .unwrap_or_else(|e| panic!("not a valid command line: {e}"));
+        let Sub::Run(run) = cli.command else {
+            panic!("figures are for `run`")
+        };
+        let a = ExplainArgs {
+            json: false,
+            probe: run.probe,
+            timing: run.timing,
+            dial_timeout: run.etcd.dial_timeout,
+        };
+        Figures(Explanation::new(explain::inputs(&a).expect("flags `run` accepts")))
+    }
+
+    /// `--interval`.
+    pub fn interval(&self) -> Duration {
+        self.inputs.timing.interval
+    }
+
+    /// `--timeout` (zero without a probe).
+    pub fn timeout(&self) -> Duration {
+        self.inputs.probe_timeout.unwrap_or_default()
+    }
+
+    /// `--ttl`.
+    pub fn ttl(&self) -> Duration {
+        self.inputs.timing.ttl
+    }
+
+    /// `--drain`.
+    pub fn drain(&self) -> Duration {
+        self.inputs.timing.drain
+    }
+
+    // Waits: the figure plus SLACK.
+
+    /// Started with a healthy instance → registered: (R − 1) × I + T.
+    pub fn registration(&self) -> Duration {
+        self.register_after_start + SLACK
+    }
+
+    /// Instance healthy again (or maintenance over) → registered again:
+    /// R × I + T.
+    pub fn reregistration(&self) -> Duration {
+        self.register_after_recovery.unwrap_or_default() + SLACK
+    }
+
+    /// Instance failing (or in maintenance) → withdrawn: F × I + T.
+    pub fn withdrawal(&self) -> Duration {
+        self.withdraw_after_failure.unwrap_or_default() + SLACK
+    }
+
+    /// SIGTERM → withdrawn (before the drain): D.
+    pub fn stop_withdrawal(&self) -> Duration {
+        self.withdraw_after_sigterm + SLACK
+    }
+
+    /// SIGTERM → exited: D + drain.
+    pub fn exit(&self) -> Duration {
+        self.exit_after_sigterm + SLACK
+    }
+
+    /// SIGKILL, or etcd gone → the keys expired with the lease: L.
+    pub fn expiry(&self) -> Duration {
+        self.stale_after_sigkill + SLACK
+    }
+
+    /// etcd answers again → registered: I + min(D, L/3).
+    pub fn etcd_back(&self) -> Duration {
+        self.register_after_etcd_back + SLACK
+    }
+
+    /// `n` more probes started: n × I + T.
+    pub fn probes(&self, n: u32) -> Duration {
+        n * self.interval() + self.timeout() + SLACK
+    }
+
+    /// `n` more etcd calls that leave the keys out (failed calls, puts of
+    /// a key held elsewhere), each bounded by min(D, L/3), the next one at
+    /// most an interval later (the backoff's cap, the retry of a held key):
+    /// n × (min(D, L/3) + I).
+    pub fn etcd_attempts(&self, n: u32) -> Duration {
+        n * (self.etcd_call_bound + self.interval()) + SLACK
+    }
+
+    // Windows: how long a scenario lets time pass, by the flags.
+
+    /// `n` probe intervals: about `n` probes come in it.
+    pub fn intervals(&self, n: u32) -> Duration {
+        n * self.interval()
+    }
+
+    /// `n` keep-alive periods (L/3 each).
+    pub fn keepalives(&self, n: u32) -> Duration {
+        n * self.keepalive_every
+    }
+
+    /// 1.5 TTLs: longer than a TTL, so a lease nobody kept alive would
+    /// have expired in it.
+    pub fn past_ttl(&self) -> Duration {
+        self.ttl() * 3 / 2
+    }
+
+    /// Three TTLs: nine keep-alives and 3L/I probes, in which a steady
+    /// sidekick must write nothing and lose nothing.
+    pub fn steady(&self) -> Duration {
+        3 * self.ttl()
+    }
+
+    /// An outage of two TTLs and a dial timeout: the lease surely expires
+    /// in it, and several keep-alives fail one after the other.
+    pub fn long_outage(&self) -> Duration {
+        2 * self.ttl() + self.inputs.dial_timeout
+    }
+}
 
 /// A loopback port nobody listens on, never handed out twice in this run.
 ///
@@ -66,7 +384,7 @@ pub fn signal(pid: u32, sig: &str) {
     assert!(ok.success(), "kill -{sig} {pid}");
 }
 
-/// Polls `cond` every 50 ms until it holds or `limit` passes; returns
+/// Polls `cond` every [`POLL`] until it holds or `limit` passes; returns
 /// whether it held.
 pub async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
 where
@@ -81,8 +399,52 @@ where
         if Instant::now() >= deadline {
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(POLL).await;
     }
+}
+
+/// [`eventually`] for a test without a runtime: polls `cond` every
+/// [`POLL`] until it holds or `limit` passes.
+pub fn eventually_sync(limit: Duration, cond: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(POLL);
+    }
+    true
+}
+
+/// Lets `window` pass, for a negative check only: what must not happen has
+/// had that long to happen. Never use it to wait for something to happen;
+/// wait for the event with [`eventually`] instead.
+pub async fn let_pass(window: Duration) {
+    tokio::time::sleep(window).await;
+}
+
+/// Lets `window` pass so that a scenario reaches a state no event shows
+/// (a call tried again, silently, after its backoff). Only what the test
+/// covers depends on it: its assertions hold whichever state was reached.
+pub async fn advance(window: Duration) {
+    tokio::time::sleep(window).await;
+}
+
+/// Checks `cond` every [`POLL`] for the whole of `window`, a negative check
+/// that it never fails meanwhile; returns false at the first failure.
+pub async fn throughout<F, Fut>(window: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        if !cond().await {
+            return false;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    cond().await
 }
 
 /// One etcd member's ports and data dir.
@@ -185,7 +547,7 @@ impl Etcd {
                     eprintln!("etcd member {i} restart {attempt}: a port is taken:\n{log}");
                     let ports = [self.members[i].client_port, self.members[i].peer_port];
                     let free = || async { ports.iter().all(|&p| TcpListener::bind(("127.0.0.1", p)).is_ok()) };
-                    eventually(Duration::from_secs(5), free).await;
+                    eventually(PORT_FREE, free).await;
                 }
             }
         }
@@ -229,12 +591,12 @@ impl Etcd {
         self.members[i].child = Some(child);
     }
 
-    /// Waits (30 s at most) until every running member serves a
+    /// Waits ([`ETCD_READY`] at most) until every running member serves a
     /// linearizable read. `Err` with the log of a member that exited because
     /// a port was taken; a member that exits for another reason fails the
     /// test.
     async fn started(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + ETCD_READY;
         let mut ready = vec![false; self.members.len()];
         loop {
             for (i, up) in ready.iter_mut().enumerate() {
@@ -264,18 +626,18 @@ impl Etcd {
                 "etcd member {late} did not become ready:\n{}",
                 self.log(late)
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(POLL).await;
         }
     }
 
-    /// Whether member `i` serves a linearizable read within 2 s.
+    /// Whether member `i` serves a linearizable read within [`ETCD_PING`].
     async fn answers(&self, i: usize) -> bool {
         let url = self.url(i);
         let attempt = async {
             let mut c = Client::connect([url.as_str()], self.options.clone()).await.ok()?;
             c.get("ready-check", None).await.ok()
         };
-        matches!(tokio::time::timeout(Duration::from_secs(2), attempt).await, Ok(Some(_)))
+        matches!(tokio::time::timeout(ETCD_PING, attempt).await, Ok(Some(_)))
     }
 
     /// The client URL of member `i`.
@@ -447,7 +809,7 @@ impl Backend {
 /// Reads one request head from `conn` and answers 200 with `body`, or 503
 /// when not `ok`, then closes.
 pub fn answer_http(conn: &mut TcpStream, ok: bool, body: &str) {
-    conn.set_read_timeout(Some(Duration::from_secs(2))).ok();
+    conn.set_read_timeout(Some(IO)).ok();
     let mut buf = [0u8; 4096];
     let mut seen = Vec::new();
     while !seen.windows(4).any(|w| w == b"\r\n\r\n") && seen.len() < 16 * 1024 {
@@ -551,15 +913,16 @@ impl<'a> Flags<'a> for Vec<&'a str> {
     }
 }
 
-/// Starts `sidekick ARGS` and waits (15 s at most) until the KEY after
-/// `run` holds its VALUE in `etcd` (read through member 0).
+/// Starts `sidekick ARGS` and waits (its [`Figures::registration`] at
+/// most) until the KEY after `run` holds its VALUE in `etcd` (read through
+/// member 0).
 pub async fn start_registered(etcd: &Etcd, args: &[&str]) -> (Running, Client) {
     let at = args.iter().position(|a| *a == "run").expect("a `run` command");
     let (key, value) = (args[at + 1], args[at + 2]);
     let sk = Running::start(args);
     let c = etcd.client(0).await;
     assert!(
-        key_becomes(&c, key, Some(value), Duration::from_secs(15)).await,
+        key_becomes(&c, key, Some(value), sk.figures().registration()).await,
         "{key} never held {value}:\n{}",
         sk.log()
     );
@@ -607,6 +970,8 @@ pub fn sidekick(args: &[&str]) -> Command {
 pub struct Running {
     child: Option<Child>,
     log: PathBuf,
+    /// Its arguments, for [`Running::figures`].
+    args: Vec<String>,
     _dir: TempDir,
 }
 
@@ -630,8 +995,14 @@ impl Running {
         Running {
             child: Some(child),
             log,
+            args: args.iter().map(|a| a.to_string()).collect(),
             _dir: dir,
         }
+    }
+
+    /// The timing figures of its flags (a `run` only).
+    pub fn figures(&self) -> Figures {
+        Figures::of(&self.args)
     }
 
     /// Its PID.
@@ -649,7 +1020,8 @@ impl Running {
         self.child.as_mut().unwrap().try_wait().unwrap().is_none()
     }
 
-    /// Waits up to `limit` for it to exit.
+    /// Waits up to `limit` for it to exit (checked every [`SAMPLE`], so
+    /// that the exit can be timed).
     pub async fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + limit;
         loop {
@@ -659,13 +1031,35 @@ impl Running {
             if Instant::now() >= deadline {
                 return None;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(SAMPLE).await;
         }
+    }
+
+    /// A negative check: lets `window` pass and says whether it is still
+    /// running at the end of it (an exit meanwhile ends the check early).
+    pub async fn stays_running(&mut self, window: Duration) -> bool {
+        self.exit_within(window).await.is_none()
     }
 
     /// What it logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How many lines of its log contain `pat`.
+    pub fn log_count(&self, pat: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(pat)).count()
+    }
+
+    /// Waits up to `limit` until at least `n` lines of its log contain
+    /// `pat`; returns whether they did.
+    pub async fn logs_n(&self, pat: &str, n: usize, limit: Duration) -> bool {
+        eventually(limit, || async { self.log_count(pat) >= n }).await
+    }
+
+    /// Waits up to `limit` until its log contains `pat`.
+    pub async fn logs(&self, pat: &str, limit: Duration) -> bool {
+        eventually(limit, || async { self.log().contains(pat) }).await
     }
 }
 

@@ -5,8 +5,8 @@
 //! No traffic leaves the two namespaces.
 
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
+use crate::harness::bounds::*;
 use crate::harness::*;
 
 const GATEWAY: &str = "198.18.0.1";
@@ -117,7 +117,7 @@ async fn a_container_finds_etcd_through_its_default_gateway() {
     assert_eq!(stdout.trim(), format!("http://{GATEWAY}:2379 (default gateway)"));
 
     // etcd answers there once it is up.
-    let answered = eventually(Duration::from_secs(20), || async {
+    let answered = eventually(ETCD_READY, || async {
         let out = net
             .sidekick_in_app(&["discover", "--check", "--dial-timeout", "1s"])
             .output()

@@ -7,13 +7,13 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::harness::bounds::*;
 use crate::harness::*;
 
 const KEY: &str = "/services/web/1";
 const VALUE: &str = "10.0.0.5:8080";
-const SEC: Duration = Duration::from_secs(1);
 
 /// A free loopback address for `--status-addr`, for the life of the test
 /// binary (the harness's argument builders take `'static` strings).
@@ -24,7 +24,7 @@ fn status_addr() -> &'static str {
 /// `GET path` on the status server: status code and body.
 fn get_http(addr: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(5 * SEC)).unwrap();
+    s.set_read_timeout(Some(IO)).unwrap();
     write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
@@ -68,7 +68,11 @@ fn status(addr: &str) -> serde_json::Value {
 async fn status_and_metrics_follow_the_instance() {
     let addr = status_addr();
     let (_etcd, backend, sk, mut c) = registered_with(KEY, VALUE, "1", "1", |a| a.with("--status-addr", addr)).await;
+    let f = sk.figures();
     assert_eq!(get_http(addr, "/healthz").0, 200);
+    // The key can be seen in etcd a moment before the board says so.
+    let on_board = || async { metric(addr, "sidekick_registered", &[]) == 1.0 };
+    assert!(eventually(SOON, on_board).await, "{}", sk.log());
 
     let s = status(addr);
     assert_eq!(s["state"], "up", "{s}");
@@ -85,7 +89,7 @@ async fn status_and_metrics_follow_the_instance() {
     assert_eq!(metric(addr, "sidekick_registered", &[]), 1.0);
     let probes = metric(addr, "sidekick_probes_total", &[("result", "ok")]);
     assert!(
-        eventually(5 * SEC, || async {
+        eventually(f.probes(3), || async {
             metric(addr, "sidekick_probes_total", &[("result", "ok")]) >= probes + 3.0
         })
         .await,
@@ -96,8 +100,8 @@ async fn status_and_metrics_follow_the_instance() {
 
     // Down: a transition, `registered` flips, the failure shows.
     backend.set_healthy(false);
-    assert!(key_becomes(&c, KEY, None, 5 * SEC).await, "{}", sk.log());
-    assert!(eventually(2 * SEC, || async { metric(addr, "sidekick_registered", &[]) == 0.0 }).await);
+    assert!(key_becomes(&c, KEY, None, f.withdrawal()).await, "{}", sk.log());
+    assert!(eventually(SOON, || async { metric(addr, "sidekick_registered", &[]) == 0.0 }).await);
     assert_eq!(metric(addr, "sidekick_transitions_total", &[]), transitions + 1.0);
     assert!(metric(addr, "sidekick_probes_total", &[("result", "failed")]) >= 1.0);
     let s = status(addr);
@@ -114,9 +118,11 @@ async fn status_and_metrics_follow_the_instance() {
 async fn keep_alive_failures_are_counted_and_the_error_shown() {
     let addr = status_addr();
     let (mut etcd, _backend, sk, _c) = registered_with(KEY, VALUE, "1", "1", |a| a.with("--status-addr", addr)).await;
+    let f = sk.figures();
     etcd.stop(0);
+    // The next keep-alive fails.
     assert!(
-        eventually(5 * SEC, || async {
+        eventually(f.keepalives(1) + f.etcd_attempts(1), || async {
             metric(addr, "sidekick_keepalive_failures_total", &[]) >= 1.0
         })
         .await,
@@ -156,14 +162,15 @@ impl NotifySocket {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify.sock");
         let sock = UnixDatagram::bind(&path).unwrap();
-        sock.set_read_timeout(Some(SEC / 5)).unwrap();
+        sock.set_read_timeout(Some(POLL)).unwrap();
         let got = Arc::new(Mutex::new(Vec::new()));
         let out = got.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
-            // Ends with the test: the socket file goes with the temp dir,
-            // and after a minute at the most.
-            for _ in 0..300 {
+            // Ends with the test (checked at every read timeout), and after
+            // HANG at the most.
+            let end = Instant::now() + HANG;
+            while Instant::now() < end {
                 if let Ok(n) = sock.recv(&mut buf) {
                     let msg = String::from_utf8_lossy(&buf[..n]).to_string();
                     out.lock().unwrap().extend(msg.lines().map(String::from));
@@ -192,14 +199,22 @@ async fn systemd_hears_ready_status_watchdog_and_stopping() {
     let (url, eps) = (backend.url(), etcd.endpoints());
     let notify = NotifySocket::bind();
     let path = notify.path.to_str().unwrap().to_string();
+    // systemd's watchdog timeout; the sidekick pings at half of it.
+    let watchdog = Duration::from_millis(400);
+    let usec = watchdog.as_micros().to_string();
     let mut sk = Running::start_with_env(
         &fast_run(KEY, VALUE, &url, &eps, "1", "1"),
-        &[("NOTIFY_SOCKET", path.as_str()), ("WATCHDOG_USEC", "400000")],
+        &[("NOTIFY_SOCKET", path.as_str()), ("WATCHDOG_USEC", usec.as_str())],
     );
+    let f = sk.figures();
     let c = etcd.client(0).await;
-    assert!(key_becomes(&c, KEY, Some(VALUE), 10 * SEC).await, "{}", sk.log());
     assert!(
-        eventually(2 * SEC, || async { notify.count("READY=1") == 1 }).await,
+        key_becomes(&c, KEY, Some(VALUE), f.registration()).await,
+        "{}",
+        sk.log()
+    );
+    assert!(
+        eventually(SOON, || async { notify.count("READY=1") == 1 }).await,
         "{:?}",
         notify.messages()
     );
@@ -214,26 +229,32 @@ async fn systemd_hears_ready_status_watchdog_and_stopping() {
         "{m:?}"
     );
 
-    // WATCHDOG=1 every 200 ms while the probe loop is alive.
-    let pings = notify.count("WATCHDOG=1");
-    tokio::time::sleep(2 * SEC).await; // the scenario: count pings
+    // WATCHDOG=1 every 200 ms from the probe loop: about ten in a window
+    // of ten intervals, whatever it measures on a slow machine.
+    let (pings, counting) = (notify.count("WATCHDOG=1"), Instant::now());
+    let_pass(f.intervals(10)).await; // the scenario: count pings
     let more = notify.count("WATCHDOG=1") - pings;
-    assert!((5..=15).contains(&more), "{more} pings in 2 s");
+    let window = counting.elapsed();
+    let due = window.as_secs_f64() / (watchdog / 2).as_secs_f64();
+    assert!(
+        (due / 2.0..=due * 1.5).contains(&(more as f64)),
+        "{more} pings in {window:?}"
+    );
 
     backend.set_healthy(false);
     assert!(
-        eventually(5 * SEC, || async {
+        eventually(f.withdrawal(), || async {
             notify.count("STATUS=instance unhealthy: HTTP 503") == 1
         })
         .await,
         "{:?}",
         notify.messages()
     );
-    assert!(eventually(5 * SEC, || async { notify.count("STATUS=withdrawn, lease") == 1 }).await);
+    assert!(eventually(SOON, || async { notify.count("STATUS=withdrawn, lease") == 1 }).await);
     sk.signal("TERM");
-    assert_eq!(sk.exit_within(5 * SEC).await.unwrap().code(), Some(0));
+    assert_eq!(sk.exit_within(f.exit()).await.unwrap().code(), Some(0));
     assert!(
-        eventually(SEC, || async { notify.count("STOPPING=1") == 1 }).await,
+        eventually(SOON, || async { notify.count("STOPPING=1") == 1 }).await,
         "{:?}",
         notify.messages()
     );
@@ -249,12 +270,13 @@ async fn ready_comes_when_etcd_is_unreachable_too() {
     let notify = NotifySocket::bind();
     let path = notify.path.to_str().unwrap().to_string();
     let url = backend.url();
-    let _sk = Running::start_with_env(
+    let sk = Running::start_with_env(
         &fast_run(KEY, VALUE, &url, &eps, "1", "1"),
         &[("NOTIFY_SOCKET", path.as_str())],
     );
+    // The first probe passes, the first grant fails at once.
     assert!(
-        eventually(5 * SEC, || async { notify.count("READY=1") == 1 }).await,
+        eventually(sk.figures().registration(), || async { notify.count("READY=1") == 1 }).await,
         "{:?}",
         notify.messages()
     );
@@ -275,16 +297,25 @@ async fn maintenance_by_file_withdraws_and_probing_goes_on() {
         a.with("--maintenance-file", file_arg).with("--status-addr", addr)
     })
     .await;
+    let f = sk.figures();
     std::fs::write(&file, "").unwrap();
-    assert!(key_becomes(&c, KEY, None, 2 * SEC).await, "withdrawn: {}", sk.log());
+    assert!(
+        key_becomes(&c, KEY, None, f.withdrawal()).await,
+        "withdrawn: {}",
+        sk.log()
+    );
     assert_eq!(status(addr)["state"], "maintenance");
     let hits = backend.hits();
     assert!(
-        eventually(2 * SEC, || async { backend.hits() >= hits + 3 }).await,
+        eventually(f.probes(3), || async { backend.hits() >= hits + 3 }).await,
         "probing goes on in maintenance"
     );
     std::fs::remove_file(&file).unwrap();
-    assert!(key_becomes(&c, KEY, Some(VALUE), 3 * SEC).await, "back: {}", sk.log());
+    assert!(
+        key_becomes(&c, KEY, Some(VALUE), f.reregistration()).await,
+        "back: {}",
+        sk.log()
+    );
     assert_eq!(status(addr)["state"], "up");
     let log = sk.log();
     assert!(
@@ -296,17 +327,23 @@ async fn maintenance_by_file_withdraws_and_probing_goes_on() {
 #[tokio::test]
 async fn maintenance_by_signal_and_back_after_rise_successes() {
     let (_etcd, backend, sk, c) = registered_with(KEY, VALUE, "3", "2", |a| a).await;
+    let f = sk.figures();
     sk.signal("USR1");
     assert!(
-        key_becomes(&c, KEY, None, 2 * SEC).await,
+        key_becomes(&c, KEY, None, f.withdrawal()).await,
         "withdrawn at once: {}",
         sk.log()
     );
-    // Still out while the instance is healthy and time passes.
-    tokio::time::sleep(SEC).await; // the scenario: stays out
+    // Still out while the instance is healthy and time passes: five
+    // intervals, more than rise (3) probes take.
+    let_pass(f.intervals(5)).await; // the scenario: stays out
     assert!(get(&mut c.clone(), KEY).await.is_none());
     let hits = backend.hits();
     sk.signal("USR2");
-    assert!(key_becomes(&c, KEY, Some(VALUE), 3 * SEC).await, "{}", sk.log());
+    assert!(
+        key_becomes(&c, KEY, Some(VALUE), f.reregistration()).await,
+        "{}",
+        sk.log()
+    );
     assert!(backend.hits() >= hits + 3, "back only after rise (3) successes");
 }

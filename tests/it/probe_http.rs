@@ -9,9 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::harness::bounds::*;
 use crate::harness::*;
 
 const MIB: u64 = 1024 * 1024;
+/// The pause of a server between two writes it wants read apart.
+const APART: Duration = Duration::from_millis(100);
 
 /// A server on `bind` that reads each request head, keeps it, and lets
 /// `answer` write the response; it stops after `conns` connections.
@@ -35,8 +38,8 @@ impl Raw {
         std::thread::spawn(move || {
             for conn in listener.incoming().take(conns) {
                 let Ok(mut conn) = conn else { continue };
-                conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                conn.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+                conn.set_read_timeout(Some(IO)).unwrap();
+                conn.set_write_timeout(Some(IO)).unwrap();
                 let mut head = Vec::new();
                 let mut buf = [0u8; 4096];
                 while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
@@ -71,7 +74,7 @@ impl Raw {
 }
 
 /// `sidekick check ARGS`: exit code, stdout and how long it took; fails the
-/// test if it does not end within 10 s.
+/// test if it does not end within [`HANG`].
 fn check(args: &[&str]) -> (Option<i32>, String, Duration) {
     let mut all = vec!["check"];
     all.extend_from_slice(args);
@@ -83,11 +86,11 @@ fn check(args: &[&str]) -> (Option<i32>, String, Duration) {
         .spawn()
         .unwrap();
     while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(10) {
+        if started.elapsed() > HANG {
             let _ = child.kill();
-            panic!("sidekick check {args:?} did not end within 10 s");
+            panic!("sidekick check {args:?} did not end within {HANG:?}");
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(SAMPLE);
     }
     let took = started.elapsed();
     let out = child.wait_with_output().unwrap();
@@ -185,7 +188,7 @@ fn a_chunked_body_matches_across_chunk_boundaries() {
     let srv = Raw::start("127.0.0.1:0", 2, |c, _| {
         let _ = c.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\nstate: \r\n4\r\nread\r\n");
         let _ = c.flush();
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(APART);
         let _ = c.write_all(b"1\r\ny\r\n0\r\n\r\n");
     });
     let url = srv.url("/");
@@ -205,7 +208,7 @@ fn an_http_1_0_body_ends_when_the_connection_closes() {
     let srv = Raw::start("127.0.0.1:0", 2, |c, _| {
         let _ = c.write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nwarming up\n");
         let _ = c.flush();
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(APART);
         let _ = c.write_all(b"ready\n");
         // Dropping the connection ends the body.
     });
@@ -292,7 +295,7 @@ fn a_100_mib_body_is_judged_within_the_64_kib_cap() {
         assert!(!out.contains("timed out"), "not read to the end: {out} after {took:?}");
         // The server's writes end once the probe has closed the connection.
         assert!(
-            eventually_sync(Duration::from_secs(8), || srv.sent.load(Ordering::SeqCst) > 0),
+            eventually_sync(SOON, || srv.sent.load(Ordering::SeqCst) > 0),
             "the server saw the connection close"
         );
         let sent = srv.sent.load(Ordering::SeqCst);
@@ -305,29 +308,20 @@ fn a_100_mib_body_is_judged_within_the_64_kib_cap() {
     }
 }
 
-/// Polls `cond` every 20 ms for up to `limit`.
-fn eventually_sync(limit: Duration, cond: impl Fn() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
-}
-
 #[test]
 fn slow_headers_fail_at_the_timeout() {
-    // The status line comes at once, the rest of the head only after 3 s.
-    let srv = Raw::start("127.0.0.1:0", 1, |c, _| {
+    // The status line comes at once, the rest of the head only after twice
+    // the time the check may take.
+    let timeout = "300ms";
+    let bound = one_shot_within(flag(timeout));
+    let srv = Raw::start("127.0.0.1:0", 1, move |c, _| {
         let _ = c.write_all(b"HTTP/1.1 200 OK\r\n");
         let _ = c.flush();
-        std::thread::sleep(Duration::from_secs(3));
+        std::thread::sleep(2 * bound);
         let _ = c.write_all(b"Content-Length: 2\r\n\r\nok");
     });
-    let (code, out, took) = check(&["--http", &srv.url("/"), "--timeout", "300ms"]);
+    let (code, out, took) = check(&["--http", &srv.url("/"), "--timeout", timeout]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.starts_with("unhealthy: timed out after 300ms"), "{out}");
-    assert!(took < Duration::from_millis(2500), "bounded by --timeout: {took:?}");
+    assert!(took < bound, "bounded by --timeout: {took:?}");
 }

@@ -12,9 +12,18 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, GetOptions};
 use tempfile::TempDir;
 
+use crate::harness::bounds::*;
 use crate::harness::*;
 
-const SEC: Duration = Duration::from_secs(1);
+/// The short timings [`Documented::start`] gives through the flags'
+/// variables (`--interval 200ms` as `SIDEKICK_INTERVAL=200ms`, ...).
+const TIMING: [(&str, &str); 5] = [
+    ("--interval", "200ms"),
+    ("--timeout", "100ms"),
+    ("--ttl", "2s"),
+    ("--rise", "1"),
+    ("--dial-timeout", "1s"),
+];
 
 fn example(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(path)
@@ -91,16 +100,22 @@ impl Documented {
             .env("PATH", path)
             .env("SIDEKICK_ENV_FILE", "/nonexistent/etcd.environment")
             .env("SIDEKICK_ENDPOINTS", endpoints)
-            .env("SIDEKICK_INTERVAL", "200ms")
-            .env("SIDEKICK_TIMEOUT", "100ms")
-            .env("SIDEKICK_TTL", "2s")
-            .env("SIDEKICK_RISE", "1")
-            .env("SIDEKICK_DIAL_TIMEOUT", "1s")
+            .envs(TIMING.map(|(flag, v)| {
+                let name = flag.trim_start_matches("--").replace('-', "_").to_uppercase();
+                (format!("SIDEKICK_{name}"), v)
+            }))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
         Documented { child, log, _dir: dir }
+    }
+
+    /// The figures of a documented line with [`TIMING`] (an HTTP probe).
+    fn figures() -> Figures {
+        let mut args = vec!["run", "KEY", "VALUE", "--http", "http://127.0.0.1/health"];
+        args.extend(TIMING.iter().flat_map(|(flag, v)| [*flag, *v]));
+        Figures::of(&args)
     }
 
     /// SIGTERM (which withdraws) and wait.
@@ -227,7 +242,8 @@ async fn coredns_recipe_writes_skydns_keys() {
     );
     let mut c = etcd.client(0).await;
     let key = format!("{prefix}/web/web3");
-    assert!(eventually(10 * SEC, || async { value(&mut c.clone(), &key).await.is_some() }).await);
+    let registered = Documented::figures().registration();
+    assert!(eventually(registered, || async { value(&mut c.clone(), &key).await.is_some() }).await);
 
     let found = under(&mut c, &format!("{path}/")).await;
     assert_eq!(found.len(), 1, "{found:?}");
@@ -245,7 +261,7 @@ async fn coredns_recipe_writes_skydns_keys() {
     assert!((1..=u64::from(u32::MAX)).contains(&ttl), "ttl {ttl}");
 
     sk.stop();
-    assert!(key_becomes(&c, &key, None, 5 * SEC).await, "withdrawn on SIGTERM");
+    assert!(key_becomes(&c, &key, None, SOON).await, "withdrawn on SIGTERM");
 }
 
 /// The root key and entry point come from traefik.yml; each instance's
@@ -289,11 +305,14 @@ async fn traefik_recipe_writes_servers_and_a_shared_router() {
     let mut c = etcd.client(0).await;
     let servers = format!("{root}/http/services/web/loadbalancer/servers/");
     let router = format!("{root}/http/routers/web/");
+    let registered = Documented::figures().registration();
     let first = instance("1");
-    assert!(key_becomes(&c, &format!("{router}service"), Some("web"), 10 * SEC).await);
-    let second = instance("3");
+    assert!(key_becomes(&c, &format!("{router}service"), Some("web"), registered).await);
     let url = format!("http://127.0.0.1:{port}");
-    assert!(key_becomes(&c, &format!("{servers}3/url"), Some(&url), 10 * SEC).await);
+    // The router (shared) is put before the instance's own key.
+    assert!(key_becomes(&c, &format!("{servers}1/url"), Some(&url), SOON).await);
+    let second = instance("3");
+    assert!(key_becomes(&c, &format!("{servers}3/url"), Some(&url), registered).await);
 
     let found = under(&mut c, &format!("{root}/")).await;
     let keys: Vec<&str> = found.iter().map(|(k, _, _)| k.as_str()).collect();
@@ -337,7 +356,7 @@ async fn traefik_recipe_writes_servers_and_a_shared_router() {
 
     // One instance goes: its server goes, the router is not written.
     first.stop();
-    assert!(key_becomes(&c, &format!("{servers}1/url"), None, 5 * SEC).await);
+    assert!(key_becomes(&c, &format!("{servers}1/url"), None, SOON).await);
     for (i, k) in ["rule", "service", "entrypoints/0"].iter().enumerate() {
         let kv = crate::harness::get(&mut c, &format!("{router}{k}")).await.expect("the router stays");
         assert_eq!(kv.mod_revision(), written[i], "{k} untouched");
@@ -345,7 +364,7 @@ async fn traefik_recipe_writes_servers_and_a_shared_router() {
     // The last one goes: nothing is left for Traefik to route to once the
     // router's service leases expire (the sidekick's TTL).
     second.stop();
-    let gone = eventually(20 * SEC, || {
+    let gone = eventually(SOON, || {
         let mut c = c.clone();
         let root = root.clone();
         async move { under(&mut c, &format!("{root}/")).await.is_empty() }

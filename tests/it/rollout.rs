@@ -29,18 +29,18 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::haproxy::{get_through, haproxy_bin, render_prefix, Haproxy};
+use crate::haproxy::{get_through, haproxy_bin, render_prefix, servers_at, Haproxy};
+use crate::harness::bounds::*;
 use crate::harness::*;
 
 const HOSTS: &str = "/services/web/hosts/";
-const SEC: Duration = Duration::from_secs(1);
 /// The sidekicks' `--drain`: time for a re-render and a reload, with room.
 const DRAIN: Duration = Duration::from_secs(2);
 /// The fewest requests a rollout is judged on.
 const MIN_REQUESTS: usize = 1000;
-/// Bounds of the load generator: requests per thread, and time.
+/// Bound of the load generator: requests per thread (its time is
+/// [`LOAD`]).
 const MAX_REQUESTS: usize = 100_000;
-const LOAD_LIMIT: Duration = Duration::from_secs(120);
 /// Threads sending requests, each one after the other without pause.
 const CLIENTS: usize = 2;
 /// How long an instance answers 503 after its start, as an application
@@ -112,6 +112,11 @@ struct Units {
     /// Every command handled, in order, and when: `start web@4`,
     /// `stop web_presence@1`, ...
     log: Vec<(Instant, String)>,
+    /// A client of etcd, to read what it holds when a stop comes.
+    etcd: etcd_client::Client,
+    /// The instances (N) etcd held under `HOSTS` when the first stop came,
+    /// read before that stop was carried out.
+    at_first_stop: Option<BTreeSet<String>>,
 }
 
 /// Carries out `start UNIT` or `stop UNIT` as systemd would: a start is
@@ -121,6 +126,21 @@ async fn command(units: &Mutex<Units>, line: &str) -> Result<(), String> {
     let unit = unit.strip_suffix(".service").unwrap_or(unit);
     let (kind, n) = unit.split_once('@').ok_or_else(|| format!("{unit}: no instance"))?;
     let n = n.to_string();
+    let first_stop = {
+        let u = units.lock().unwrap();
+        (action == "stop" && u.at_first_stop.is_none()).then(|| u.etcd.clone())
+    };
+    if let Some(mut c) = first_stop {
+        // What etcd holds at this moment, whatever the test's watcher has
+        // seen of it yet.
+        let r = c.get(HOSTS, Some(GetOptions::new().with_prefix())).await;
+        let r = r.map_err(|e| format!("reading {HOSTS}: {e}"))?;
+        let hosts = r
+            .kvs()
+            .iter()
+            .map(|kv| kv.key_str().unwrap().trim_start_matches(HOSTS).to_string());
+        units.lock().unwrap().at_first_stop = Some(hosts.collect());
+    }
     let mut sidekick = {
         let mut u = units.lock().unwrap();
         u.log.push((Instant::now(), format!("{action} {unit}")));
@@ -164,7 +184,7 @@ async fn command(units: &Mutex<Units>, line: &str) -> Result<(), String> {
         }
     };
     sidekick.signal("TERM");
-    match sidekick.exit_within(DRAIN + 10 * SEC).await {
+    match sidekick.exit_within(sidekick.figures().exit()).await {
         Some(st) if st.success() => Ok(()),
         other => Err(format!("sidekick {n} ended {other:?}: {}", sidekick.log())),
     }
@@ -181,7 +201,7 @@ async fn control(listener: tokio::net::TcpListener, units: Arc<Mutex<Units>>, do
         let Ok((conn, _)) = conn else { continue };
         let (rd, mut wr) = conn.into_split();
         let mut line = String::new();
-        let reply = match tokio::time::timeout(5 * SEC, BufReader::new(rd).read_line(&mut line)).await {
+        let reply = match tokio::time::timeout(IO, BufReader::new(rd).read_line(&mut line)).await {
             Ok(Ok(_)) => match command(&units, &line).await {
                 Ok(()) => "ok".to_string(),
                 Err(e) => format!("error: {}", e.replace('\n', " | ")),
@@ -198,7 +218,7 @@ const UNITCTL: &str = r#"#!/usr/bin/env bash
 set -euo pipefail
 exec 3<>/dev/tcp/127.0.0.1/PORT
 printf '%s %s\n' "$1" "$2" >&3
-IFS= read -r -t 30 reply <&3 || { echo "unitctl: no answer to $1 $2" >&2; exit 1; }
+IFS= read -r -t LIMIT reply <&3 || { echo "unitctl: no answer to $1 $2" >&2; exit 1; }
 [ "$reply" = ok ] || { echo "unitctl: $1 $2: $reply" >&2; exit 1; }
 "#;
 
@@ -256,7 +276,15 @@ impl Stage {
         let etcd = Etcd::start().await;
         let eps = etcd.endpoints();
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        // HAProxy first, with no instance yet: its frontend port (another
+        // one when the first it tried was taken) is known before the
+        // sidekicks publish it as /services/web/host_port.
+        let cfg = dir.path().join("haproxy.cfg");
+        let mut haproxy = Haproxy::start(&bin, &cfg, dir.path(), |port| {
+            render_prefix(HOSTS, &cfg, dir.path(), port, &eps);
+        })
+        .await;
+        let port = haproxy.port;
         let done = CancellationToken::new();
         let units = Arc::new(Mutex::new(Units {
             eps: eps.clone(),
@@ -265,11 +293,16 @@ impl Stage {
             instances: HashMap::new(),
             sidekicks: HashMap::new(),
             log: Vec::new(),
+            etcd: etcd.client(0).await,
+            at_first_stop: None,
         }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let unitctl = dir.path().join("unitctl");
         let ctl_port = listener.local_addr().unwrap().port().to_string();
-        std::fs::write(&unitctl, UNITCTL.replace("PORT", &ctl_port)).unwrap();
+        let script = UNITCTL
+            .replace("PORT", &ctl_port)
+            .replace("LIMIT", &HANG.as_secs().to_string());
+        std::fs::write(&unitctl, script).unwrap();
         let mut tasks = vec![tokio::spawn(control(listener, units.clone(), done.clone()))];
 
         // Every change under HOSTS is recorded, and wakes the reloader.
@@ -303,12 +336,12 @@ impl Stage {
             command(&units, &format!("start web_presence@{n}")).await.unwrap();
         }
         for n in ["1", "2", "3"] {
-            let ok = key_becomes(&c, &format!("{HOSTS}{n}"), Some(&addr(&units, n)), 10 * SEC).await;
+            let limit = sidekick_figures(&units, n).registration();
+            let ok = key_becomes(&c, &format!("{HOSTS}{n}"), Some(&addr(&units, n)), limit).await;
             assert!(ok, "instance {n} never registered:\n{}", sidekick_logs(&units));
         }
-        let cfg = dir.path().join("haproxy.cfg");
         render_prefix(HOSTS, &cfg, dir.path(), port, &eps);
-        let mut haproxy = Haproxy::start(&bin, &cfg, dir.path(), port).await;
+        haproxy.reload().await;
         let want: BTreeSet<_> = ["1", "2", "3"].map(|n| (n.to_string(), addr(&units, n))).into();
         assert_eq!(haproxy.servers(), want);
         // From here on the log holds the script's commands only.
@@ -359,7 +392,7 @@ impl Stage {
             .collect();
         let began = Instant::now();
         assert!(
-            eventually(10 * SEC, || async { sent.load(Ordering::SeqCst) >= 20 }).await,
+            eventually(SOON, || async { sent.load(Ordering::SeqCst) >= 20 }).await,
             "the clients sent nothing"
         );
 
@@ -387,9 +420,10 @@ impl Stage {
             .unwrap();
         let (took, ended) = (start.elapsed(), Instant::now());
 
-        // A little traffic after the end, and enough of it in all.
-        tokio::time::sleep(DRAIN / 4).await;
-        let enough = eventually(LOAD_LIMIT.saturating_sub(began.elapsed()), || async {
+        // A little traffic after the end, in which only new instances may
+        // answer, and enough of it in all.
+        let_pass(QUIET).await;
+        let enough = eventually(LOAD.saturating_sub(began.elapsed()), || async {
             sent.load(Ordering::SeqCst) >= MIN_REQUESTS
         })
         .await;
@@ -439,6 +473,20 @@ impl Stage {
             .collect()
     }
 
+    /// Waits until etcd holds `want` under `/services/web/` and HAProxy
+    /// lists exactly instances `ns`: the shared keys of a sidekick that
+    /// stopped are put again by another once its watch has seen them go,
+    /// and the last change is rendered and reloaded a moment after the
+    /// rollout ends. Whether they did is asserted by the test.
+    async fn settled(&self, want: &BTreeMap<String, String>, ns: &[&str]) {
+        let servers: BTreeSet<_> = ns.iter().map(|n| (n.to_string(), addr(&self.units, n))).collect();
+        let master = self.dir.path().join("master.sock");
+        eventually(HAPROXY, || async {
+            self.keys().await == *want && servers_at(&master).is_some_and(|s| s == servers)
+        })
+        .await;
+    }
+
     /// Everything under `/services/web/`.
     async fn keys(&self) -> BTreeMap<String, String> {
         let mut c = self.etcd.client(0).await;
@@ -467,20 +515,10 @@ impl Stage {
         self.units.lock().unwrap().log.iter().map(|(_, c)| c.clone()).collect()
     }
 
-    /// When the script first stopped a unit.
-    fn first_stop(&self) -> Option<Instant> {
-        let u = self.units.lock().unwrap();
-        u.log.iter().find(|(_, c)| c.starts_with("stop ")).map(|(at, _)| *at)
-    }
-
-    /// When the last of instances `ns` was first registered.
-    fn all_registered(&self, ns: &[&str]) -> Option<Instant> {
-        let events = self.events.lock().unwrap();
-        ns.iter()
-            .map(|n| events.iter().find(|(_, k, put)| k == n && *put).map(|(at, _, _)| *at))
-            .collect::<Option<Vec<_>>>()?
-            .into_iter()
-            .max()
+    /// The instances registered in etcd when the script first stopped a
+    /// unit.
+    fn at_first_stop(&self) -> Option<BTreeSet<String>> {
+        self.units.lock().unwrap().at_first_stop.clone()
     }
 
     /// Stops the watcher, the reloader and the control socket; returns
@@ -497,7 +535,7 @@ impl Stage {
 
 /// Sends requests one after the other until `stop`, within the bounds.
 fn load(port: u16, stop: &AtomicBool, sent: &AtomicUsize) -> Vec<Sample> {
-    let deadline = Instant::now() + LOAD_LIMIT;
+    let deadline = Instant::now() + LOAD;
     let mut samples = Vec::new();
     while !stop.load(Ordering::SeqCst) && samples.len() < MAX_REQUESTS && Instant::now() < deadline {
         let start = Instant::now();
@@ -527,6 +565,15 @@ fn addr(units: &Mutex<Units>, n: &str) -> String {
         .get(n)
         .unwrap_or_else(|| panic!("instance {n} is not running"));
     i.addr.to_string()
+}
+
+/// The timing figures of the sidekick of instance `n`.
+fn sidekick_figures(units: &Mutex<Units>, n: &str) -> Figures {
+    let u = units.lock().unwrap();
+    u.sidekicks
+        .get(n)
+        .unwrap_or_else(|| panic!("sidekick {n} is not running"))
+        .figures()
 }
 
 fn sidekick_logs(units: &Mutex<Units>) -> String {
@@ -586,10 +633,13 @@ async fn rolling_update_through_haproxy_drops_no_request() {
     let stage = Stage::start(&[]).await;
     let r = stage.rollout("1,2,3", "4,5,6", "30s").await;
     let stderr = r.stderr();
+    stage
+        .settled(&stage.want_keys(&["4", "5", "6"]), &["4", "5", "6"])
+        .await;
     let keys = stage.keys().await;
     let unregistered = stage.served_unregistered(&r);
     let log = stage.unit_log();
-    let (first_stop, registered) = (stage.first_stop(), stage.all_registered(&["4", "5", "6"]));
+    let at_first_stop = stage.at_first_stop();
     let want_keys = stage.want_keys(&["4", "5", "6"]);
     let new_addrs: BTreeSet<_> = ["4", "5", "6"].map(|n| (n.to_string(), addr(&stage.units, n))).into();
     let logs = sidekick_logs(&stage.units);
@@ -615,8 +665,10 @@ async fn rolling_update_through_haproxy_drops_no_request() {
     assert_eq!(log, unit_commands(&["4", "5", "6"], &["1", "2", "3"]), "{stderr}");
     // No old instance left before every new one was registered.
     assert!(
-        registered.is_some() && first_stop.is_some() && registered < first_stop,
-        "new instances all registered at {registered:?}, first stop at {first_stop:?}"
+        at_first_stop
+            .as_ref()
+            .is_some_and(|at| ["4", "5", "6"].iter().all(|n| at.contains(*n))),
+        "instances registered when the first stop came: {at_first_stop:?}"
     );
     assert_eq!(keys, want_keys);
     assert_eq!(haproxy.servers(), new_addrs);
@@ -641,6 +693,9 @@ async fn failed_rollout_leaves_the_old_instances_serving() {
     let old_addrs: BTreeSet<_> = ["1", "2", "3"].map(|n| (n.to_string(), addr(&stage.units, n))).into();
     let r = stage.rollout("1,2,3", "4,5,6", "3s").await;
     let stderr = r.stderr();
+    stage
+        .settled(&stage.want_keys(&["1", "2", "3"]), &["1", "2", "3"])
+        .await;
     let keys = stage.keys().await;
     let unregistered = stage.served_unregistered(&r);
     let log = stage.unit_log();
@@ -713,7 +768,7 @@ async fn haproxy_reloads_under_load_drop_no_request() {
     for _ in 0..RELOADS {
         haproxy.reload().await;
     }
-    let enough = eventually(LOAD_LIMIT, || async { sent.load(Ordering::SeqCst) >= MIN_REQUESTS }).await;
+    let enough = eventually(LOAD, || async { sent.load(Ordering::SeqCst) >= MIN_REQUESTS }).await;
     stop.store(true, Ordering::SeqCst);
     let samples: Vec<Sample> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
     let failed: Vec<&String> = samples.iter().filter_map(|s| s.answer.as_ref().err()).collect();

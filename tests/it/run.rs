@@ -1,13 +1,13 @@
 //! `sidekick run` against a real etcd: registration, health, signals, leases,
 //! ownership.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use crate::harness::bounds::*;
 use crate::harness::*;
 
 const KEY: &str = "/services/web/1";
 const ADDR: &str = "10.0.0.5:8080";
-const SEC: Duration = Duration::from_secs(1);
 
 #[tokio::test]
 async fn registers_under_a_lease_with_every_extra_key() {
@@ -33,27 +33,31 @@ async fn registers_under_a_lease_with_every_extra_key() {
     assert_eq!(value(&mut c, "/services/web/scheme").await.as_deref(), Some("http"));
     let ttl = c.lease_time_to_live(main.lease(), None).await.unwrap();
     assert_eq!(ttl.granted_ttl(), 2);
-    let logged = || async { sk.log().contains("INFO registered") };
-    assert!(eventually(5 * SEC, logged).await, "{}", sk.log());
+    assert!(sk.logs("INFO registered", SOON).await, "{}", sk.log());
 }
 
 #[tokio::test]
 async fn unhealthy_removes_the_keys_and_recovery_brings_them_back() {
     let extra = ["--extra", "/services/web/scheme=http"];
     let (_etcd, backend, sk, c) = registered_with(KEY, ADDR, "2", "2", |a| a.and(&extra)).await;
+    let f = sk.figures();
 
     backend.set_healthy(false);
-    assert!(key_becomes(&c, KEY, None, 5 * SEC).await, "{}", sk.log());
+    assert!(key_becomes(&c, KEY, None, f.withdrawal()).await, "{}", sk.log());
     assert!(
-        key_becomes(&c, "/services/web/scheme", None, SEC).await,
+        key_becomes(&c, "/services/web/scheme", None, SOON).await,
         "extra keys go too"
     );
     backend.set_healthy(true);
-    assert!(key_becomes(&c, KEY, Some(ADDR), 5 * SEC).await, "{}", sk.log());
-    assert!(key_becomes(&c, "/services/web/scheme", Some("http"), SEC).await);
+    assert!(
+        key_becomes(&c, KEY, Some(ADDR), f.reregistration()).await,
+        "{}",
+        sk.log()
+    );
+    assert!(key_becomes(&c, "/services/web/scheme", Some("http"), SOON).await);
     // The key can be seen in etcd a moment before the line is logged.
-    let logged_twice = || async { sk.log().matches("INFO registered").count() == 2 };
-    assert!(eventually(5 * SEC, logged_twice).await, "{}", sk.log());
+    assert!(sk.logs_n("INFO registered", 2, SOON).await, "{}", sk.log());
+    assert_eq!(sk.log_count("INFO registered"), 2, "{}", sk.log());
     let log = sk.log();
     let (down, withdrawn, up_again) = (
         log.find("instance is down").expect("down logged"),
@@ -66,12 +70,13 @@ async fn unhealthy_removes_the_keys_and_recovery_brings_them_back() {
 #[tokio::test]
 async fn fall_3_rides_out_one_failure() {
     let (_etcd, backend, sk, mut c) = registered(KEY, ADDR, "1", "3").await;
+    let f = sk.figures();
     let before = get(&mut c, KEY).await.unwrap();
 
     // Two failing probes in a row, less than --fall 3.
     let hits = backend.hits();
     backend.fail_next(2);
-    assert!(eventually(5 * SEC, || async { backend.hits() >= hits + 4 }).await);
+    assert!(eventually(f.probes(4), || async { backend.hits() >= hits + 4 }).await);
     let after = get(&mut c, KEY).await.expect("key kept through two failures");
     assert_eq!(
         after.create_revision(),
@@ -86,14 +91,17 @@ async fn fall_3_rides_out_one_failure() {
 
     // A third failure in a row does withdraw.
     backend.set_healthy(false);
-    assert!(key_becomes(&c, KEY, None, 5 * SEC).await, "{}", sk.log());
+    assert!(key_becomes(&c, KEY, None, f.withdrawal()).await, "{}", sk.log());
 }
 
 async fn stops_on(sig: &str) {
     let (_etcd, _backend, mut sk, mut c) = registered(KEY, ADDR, "1", "1").await;
 
     sk.signal(sig);
-    let status = sk.exit_within(10 * SEC).await.expect("exits after the signal");
+    let status = sk
+        .exit_within(sk.figures().exit())
+        .await
+        .expect("exits after the signal");
     assert_eq!(status.code(), Some(0), "{}", sk.log());
     // Revoked, not expired: gone at once, well inside the 2s TTL.
     assert!(get(&mut c, KEY).await.is_none(), "{}", sk.log());
@@ -113,15 +121,19 @@ async fn sigint_removes_the_keys_and_exits_0() {
 #[tokio::test]
 async fn drain_waits_after_withdrawing() {
     let (_etcd, _backend, mut sk, c) = registered_with(KEY, ADDR, "1", "1", |a| a.with("--drain", "2s")).await;
+    let f = sk.figures();
 
     let signalled = Instant::now();
     sk.signal("TERM");
-    assert!(key_becomes(&c, KEY, None, SEC).await, "keys go before the drain wait");
+    assert!(
+        key_becomes(&c, KEY, None, f.stop_withdrawal()).await,
+        "keys go before the drain wait"
+    );
     assert!(sk.alive(), "still draining once the key is gone");
-    let status = sk.exit_within(10 * SEC).await.expect("exits after the drain");
+    let status = sk.exit_within(f.exit()).await.expect("exits after the drain");
     assert_eq!(status.code(), Some(0));
     assert!(
-        signalled.elapsed() >= Duration::from_millis(1900),
+        signalled.elapsed() >= at_least(f.drain()),
         "drained {:?}",
         signalled.elapsed()
     );
@@ -132,16 +144,19 @@ async fn second_signal_exits_at_once_during_drain() {
     let etcd = Etcd::start().await;
     let eps = etcd.endpoints();
     let (mut sk, c) = start_registered(&etcd, &plain_run(KEY, "v", &eps).with("--drain", "60s")).await;
+    let f = sk.figures();
     sk.signal("TERM");
-    assert!(key_becomes(&c, KEY, None, SEC).await);
+    assert!(key_becomes(&c, KEY, None, f.stop_withdrawal()).await);
     sk.signal("TERM");
-    let status = sk.exit_within(5 * SEC).await.expect("second signal ends the 60s drain");
+    // Well inside the drain: the drain is what the second signal ends.
+    let status = sk.exit_within(SOON).await.expect("second signal ends the 60s drain");
     assert_eq!(status.code(), Some(0));
 }
 
 #[tokio::test]
 async fn sigkill_leaves_the_key_to_expire_with_the_lease() {
     let (_etcd, _backend, sk, mut c) = registered(KEY, ADDR, "1", "1").await;
+    let f = sk.figures();
 
     sk.signal("KILL");
     let killed = Instant::now();
@@ -149,10 +164,11 @@ async fn sigkill_leaves_the_key_to_expire_with_the_lease() {
         get(&mut c, KEY).await.is_some(),
         "nobody revoked: the key outlives the process"
     );
-    assert!(key_becomes(&c, KEY, None, 10 * SEC).await, "gone with the lease");
-    // A 2s lease refreshed every ~0.67s has at least 1s left when killed.
+    assert!(key_becomes(&c, KEY, None, f.expiry()).await, "gone with the lease");
+    // A lease refreshed every third of its TTL has at least half of it
+    // left when killed.
     assert!(
-        killed.elapsed() >= Duration::from_millis(900),
+        killed.elapsed() >= at_least(f.ttl() / 2),
         "expired after {:?}",
         killed.elapsed()
     );
@@ -161,12 +177,17 @@ async fn sigkill_leaves_the_key_to_expire_with_the_lease() {
 #[tokio::test]
 async fn steady_state_writes_no_revisions() {
     let (_etcd, backend, sk, mut c) = registered(KEY, ADDR, "1", "1").await;
+    let f = sk.figures();
 
     let before = revision(&mut c).await;
     let lease = get(&mut c, KEY).await.unwrap().lease();
+    let hits = backend.hits();
     // The scenario: three TTLs (about nine keep-alives and thirty probes) in
-    // which nothing may be written.
-    tokio::time::sleep(6 * SEC).await;
+    // which nothing may be written...
+    let_pass(f.steady()).await;
+    // ... and at least twenty of those probes (a slow machine may need a
+    // little longer for them).
+    let probed = eventually(f.probes(20), || async { backend.hits() >= hits + 20 }).await;
     assert_eq!(
         revision(&mut c).await,
         before,
@@ -174,7 +195,7 @@ async fn steady_state_writes_no_revisions() {
         sk.log()
     );
     assert_eq!(get(&mut c, KEY).await.unwrap().lease(), lease, "same lease throughout");
-    assert!(backend.hits() >= 20, "kept probing: {} probes", backend.hits());
+    assert!(probed, "kept probing: {} probes", backend.hits() - hits);
 }
 
 #[tokio::test]
@@ -194,6 +215,7 @@ async fn no_probe_announces_unconditionally_and_says_so_first() {
 #[tokio::test]
 async fn another_writers_key_survives_our_withdrawal() {
     let (_etcd, backend, sk, mut c) = registered(KEY, ADDR, "1", "1").await;
+    let f = sk.figures();
 
     // A new instance takes the key over under its own lease.
     let theirs = c.lease_grant(30, None).await.unwrap().id();
@@ -202,7 +224,7 @@ async fn another_writers_key_survives_our_withdrawal() {
 
     backend.set_healthy(false);
     assert!(
-        eventually(5 * SEC, || async { sk.log().contains("withdrawn: lease revoked") }).await,
+        sk.logs("withdrawn: lease revoked", f.withdrawal()).await,
         "{}",
         sk.log()
     );
@@ -215,19 +237,23 @@ async fn another_writers_key_survives_our_withdrawal() {
     // Recovery does not take it back either.
     backend.set_healthy(true);
     assert!(
-        eventually(5 * SEC, || async { sk.log().contains("key is held elsewhere") }).await,
+        sk.logs("key is held elsewhere", f.reregistration()).await,
         "{}",
         sk.log()
     );
     // It tries again each interval: give it five more probes' worth of tries.
     let hits = backend.hits();
-    assert!(eventually(5 * SEC, || async { backend.hits() >= hits + 5 }).await);
+    assert!(eventually(f.probes(5), || async { backend.hits() >= hits + 5 }).await);
     let kv = get(&mut c, KEY).await.unwrap();
     assert_eq!((kv.value_str().unwrap(), kv.lease()), ("10.0.0.9:8080", theirs));
 
     // Once theirs is gone, ours comes back by itself.
     c.lease_revoke(theirs).await.unwrap();
-    assert!(key_becomes(&c, KEY, Some(ADDR), 5 * SEC).await, "{}", sk.log());
+    assert!(
+        key_becomes(&c, KEY, Some(ADDR), f.etcd_attempts(1)).await,
+        "{}",
+        sk.log()
+    );
 }
 
 #[tokio::test]
@@ -248,7 +274,7 @@ async fn json_logs_name_endpoints_and_rule_in_the_first_line() {
         registered_with(KEY, ADDR, "1", "1", |a| [&["--log-format", "json"][..], &a].concat()).await;
     let eps = etcd.endpoints();
     sk.signal("TERM");
-    sk.exit_within(10 * SEC).await.expect("exits");
+    sk.exit_within(sk.figures().exit()).await.expect("exits");
     let log = sk.log();
     let lines: Vec<serde_json::Value> = log
         .lines()

@@ -9,11 +9,11 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
 
+use crate::harness::bounds::*;
 use crate::harness::*;
 
 const KEY: &str = "/services/web/1";
 const ADDR: &str = "10.0.0.5:8080";
-const SEC: Duration = Duration::from_secs(1);
 
 /// A CA and the PEM files it signed, in a temp dir.
 struct Pki {
@@ -101,14 +101,15 @@ async fn tls_with_client_certificates() {
     assert!(eps.starts_with("https://"));
     let (ca, cert, key) = (pki.arg("ca.pem"), pki.arg("client.pem"), pki.arg("client.key"));
     let mut sk = Running::start(&plain_run(KEY, ADDR, &eps).and(&["--cacert", &ca, "--cert", &cert, "--key", &key]));
+    let f = sk.figures();
     let mut c = etcd.client(0).await;
     assert!(
-        key_becomes(&c, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
+        key_becomes(&c, KEY, Some("10.0.0.5:8080"), f.registration()).await,
         "{}",
         sk.log()
     );
     sk.signal("TERM");
-    assert_eq!(sk.exit_within(10 * SEC).await.unwrap().code(), Some(0));
+    assert_eq!(sk.exit_within(f.exit()).await.unwrap().code(), Some(0));
     assert!(get(&mut c, KEY).await.is_none(), "revoked over TLS");
 
     // etcdctl's variable names work too.
@@ -134,13 +135,14 @@ async fn tls_with_the_wrong_ca_or_no_client_certificate_is_a_clear_error_and_ret
     let wrong_ca = other.arg("ca.pem");
     let mut sk =
         Running::start(&plain_run(KEY, ADDR, &eps).and(&["--cacert", &wrong_ca, "--cert", &cert, "--key", &key]));
+    let f = sk.figures();
     assert!(
-        eventually(10 * SEC, || async { sk.log().contains("could not grant a lease") }).await,
+        sk.logs("could not grant a lease", f.etcd_attempts(1)).await,
         "{}",
         sk.log()
     );
     assert!(
-        eventually(10 * SEC, || async { retries(&sk.log()) >= 3 }).await,
+        eventually(f.etcd_attempts(3), || async { retries(&sk.log()) >= 3 }).await,
         "{}",
         sk.log()
     );
@@ -154,7 +156,7 @@ async fn tls_with_the_wrong_ca_or_no_client_certificate_is_a_clear_error_and_ret
     let mut c = etcd.client(0).await;
     assert!(get(&mut c, KEY).await.is_none());
     sk.signal("TERM");
-    assert_eq!(sk.exit_within(10 * SEC).await.unwrap().code(), Some(0));
+    assert_eq!(sk.exit_within(f.exit()).await.unwrap().code(), Some(0));
 
     // The right CA but no client certificate: etcd refuses us.
     let ca = pki.arg("ca.pem");
@@ -225,14 +227,15 @@ async fn auth_with_a_role_limited_to_a_prefix() {
     // The password from SIDEKICK_PASSWORD, the safe way.
     let env = [("SIDEKICK_PASSWORD", "svc-Secret-4711")];
     let mut sk = Running::start_with_env(&plain_run(KEY, ADDR, &eps).and(&["--user", "svc"]), &env);
+    let f = sk.figures();
     assert!(
-        key_becomes(&root, KEY, Some("10.0.0.5:8080"), 10 * SEC).await,
+        key_becomes(&root, KEY, Some("10.0.0.5:8080"), f.registration()).await,
         "{}",
         sk.log()
     );
     sk.signal("TERM");
-    assert_eq!(sk.exit_within(10 * SEC).await.unwrap().code(), Some(0));
-    assert!(key_becomes(&root, KEY, None, SEC).await, "{}", sk.log());
+    assert_eq!(sk.exit_within(f.exit()).await.unwrap().code(), Some(0));
+    assert!(key_becomes(&root, KEY, None, SOON).await, "{}", sk.log());
 
     // Outside the permitted prefix: a clear error naming the key.
     let out = sidekick(&["announce", "/other/x", "v", "--user", "svc", "--endpoints", &eps])
@@ -252,7 +255,7 @@ async fn auth_with_a_role_limited_to_a_prefix() {
         &[("SIDEKICK_PASSWORD", "svc-Secret-4711")],
     );
     assert!(
-        eventually(10 * SEC, || async {
+        eventually(f.etcd_attempts(1), || async {
             sk.log()
                 .lines()
                 .any(|l| l.contains("permission denied") && l.contains("/other/x"))
@@ -273,13 +276,14 @@ async fn a_wrong_password_is_a_clear_error_and_retried() {
         &plain_run(KEY, ADDR, &eps).and(&["--user", "svc"]),
         &[("SIDEKICK_PASSWORD", "wrong-pw-123")],
     );
+    let f = sk.figures();
     assert!(
-        eventually(10 * SEC, || async { sk.log().contains("authentication failed") }).await,
+        sk.logs("authentication failed", f.etcd_attempts(1)).await,
         "{}",
         sk.log()
     );
     assert!(
-        eventually(10 * SEC, || async { retries(&sk.log()) >= 3 }).await,
+        eventually(f.etcd_attempts(3), || async { retries(&sk.log()) >= 3 }).await,
         "{}",
         sk.log()
     );
@@ -298,13 +302,15 @@ async fn secrets_never_appear_in_logs_errors_or_help() {
 
     // A whole life cycle at trace level, password from the environment.
     let log = dir.path().join("trace.log");
-    let mut child = sidekick(&plain_run(KEY, ADDR, &eps).and(&["--user", "svc"]))
+    let args = plain_run(KEY, ADDR, &eps).and(&["--user", "svc"]);
+    let mut child = sidekick(&args)
         .env("SIDEKICK_PASSWORD", secret)
         .env("RUST_LOG", "trace")
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    assert!(key_becomes(&root, KEY, Some("10.0.0.5:8080"), 10 * SEC).await);
+    let registered = Figures::of(&args).registration();
+    assert!(key_becomes(&root, KEY, Some("10.0.0.5:8080"), registered).await);
     signal(child.id(), "TERM");
     assert_eq!(child.wait().unwrap().code(), Some(0));
     assert_no_secret(&log, secret);
@@ -416,7 +422,8 @@ async fn https_without_cacert_uses_the_system_roots() {
 // (the withdrawal, typically) failed once with "invalid auth token".
 #[tokio::test]
 async fn withdrawal_after_the_auth_token_expired() {
-    let etcd = Etcd::start_with(&["--auth-token-ttl=1"]).await;
+    let token_ttl = Duration::from_secs(1);
+    let etcd = Etcd::start_with(&[&format!("--auth-token-ttl={}", token_ttl.as_secs())]).await;
     enable_auth(&mut etcd.client(0).await).await;
     let eps = etcd.endpoints();
     let root = root_client(&etcd).await;
@@ -447,13 +454,19 @@ async fn withdrawal_after_the_auth_token_expired() {
         ],
         &[("SIDEKICK_PASSWORD", "svc-Secret-4711")],
     );
-    assert!(key_becomes(&root, KEY, Some("v"), 10 * SEC).await, "{}", sk.log());
+    let f = sk.figures();
+    assert!(
+        key_becomes(&root, KEY, Some("v"), f.registration()).await,
+        "{}",
+        sk.log()
+    );
     // Quiet for longer than the token lives (keep-alives come every 20s).
-    tokio::time::sleep(3 * SEC).await;
+    advance(token_expired(token_ttl)).await;
     backend.set_healthy(false);
-    assert!(key_becomes(&root, KEY, None, 3 * SEC).await, "{}", sk.log());
+    assert!(key_becomes(&root, KEY, None, f.withdrawal()).await, "{}", sk.log());
+    // The key can be gone a moment before the line is logged.
+    assert!(sk.logs("withdrawn: lease revoked", SOON).await, "{}", sk.log());
     let log = sk.log();
-    assert!(log.contains("withdrawn: lease revoked"), "{log}");
     assert!(
         !log.contains("retrying"),
         "the revoke went through at the first try: {log}"
@@ -461,10 +474,14 @@ async fn withdrawal_after_the_auth_token_expired() {
 
     // And once more on SIGTERM, after another quiet spell.
     backend.set_healthy(true);
-    assert!(key_becomes(&root, KEY, Some("v"), 10 * SEC).await, "{}", sk.log());
-    tokio::time::sleep(3 * SEC).await;
+    assert!(
+        key_becomes(&root, KEY, Some("v"), f.reregistration()).await,
+        "{}",
+        sk.log()
+    );
+    advance(token_expired(token_ttl)).await;
     sk.signal("TERM");
-    assert_eq!(sk.exit_within(10 * SEC).await.unwrap().code(), Some(0));
-    assert!(key_becomes(&root, KEY, None, SEC).await, "{}", sk.log());
+    assert_eq!(sk.exit_within(f.exit()).await.unwrap().code(), Some(0));
+    assert!(key_becomes(&root, KEY, None, SOON).await, "{}", sk.log());
     assert!(!sk.log().contains("retrying"), "{}", sk.log());
 }

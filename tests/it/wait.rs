@@ -8,7 +8,11 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, PutOptions};
 
+use crate::harness::bounds::*;
 use crate::harness::*;
+
+/// The `--dial-timeout` of the waits that [`start_wait`] starts.
+const DIAL: &str = "1s";
 
 fn out(args: &[&str]) -> (Option<i32>, String, String) {
     let o = sidekick(args).output().unwrap();
@@ -28,7 +32,7 @@ async fn del(c: &mut Client, key: &str) {
 fn metric(etcd: &Etcd, i: usize, name: &str) -> f64 {
     let addr = etcd.url(i).trim_start_matches("http://").to_string();
     let mut s = TcpStream::connect(&addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_read_timeout(Some(IO)).unwrap();
     write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
@@ -40,34 +44,35 @@ fn metric(etcd: &Etcd, i: usize, name: &str) -> f64 {
 /// Waits until member `i` has at least `n` watchers: the wait has read the
 /// keys and is watching, so a change made now comes after its read.
 async fn watching(etcd: &Etcd, i: usize, n: f64) {
-    let ok = eventually(Duration::from_secs(10), || async {
+    let ok = eventually(SOON, || async {
         metric(etcd, i, "etcd_debugging_mvcc_watcher_total") >= n
     })
     .await;
     assert!(ok, "no watch opened on etcd member {i}");
 }
 
-/// Starts `sidekick wait ARGS --endpoints EPS --dial-timeout 1s`.
+/// Starts `sidekick wait ARGS --endpoints EPS --dial-timeout DIAL`.
 fn start_wait(args: &[&str], eps: &str) -> Running {
     let mut all = vec!["wait"];
     all.extend_from_slice(args);
-    all.extend_from_slice(&["--endpoints", eps, "--dial-timeout", "1s"]);
+    all.extend_from_slice(&["--endpoints", eps, "--dial-timeout", DIAL]);
     Running::start(&all)
 }
 
 /// Asserts that the wait is still waiting: it has not exited within a
 /// short while after a change that must not end it.
 async fn still_waiting(w: &mut Running, what: &str) {
-    assert_eq!(
-        w.exit_within(Duration::from_millis(500)).await,
-        None,
-        "{what}:\n{}",
-        w.log()
-    );
+    assert!(w.stays_running(QUIET).await, "{what}:\n{}", w.log());
+}
+
+/// Asserts that a wait started by [`start_wait`] still waits while its
+/// etcd is away: no early exit 1 while reads fail and are retried.
+async fn waits_through_the_outage(w: &mut Running) {
+    assert!(w.stays_running(wait_retrying(flag(DIAL))).await, "{}", w.log());
 }
 
 async fn ends_with_0(w: &mut Running, what: &str) {
-    let st = w.exit_within(Duration::from_secs(20)).await;
+    let st = w.exit_within(wait_reacts(flag(DIAL))).await;
     assert_eq!(st.and_then(|s| s.code()), Some(0), "{what}:\n{}", w.log());
 }
 
@@ -94,7 +99,7 @@ async fn a_condition_already_true_returns_at_once() {
         let (code, stdout, stderr) = out(&all);
         assert_eq!((code, stdout.as_str(), stderr.as_str()), (Some(0), "", ""), "{args:?}");
         // Far below the 30s timeout: it did not wait for anything.
-        assert!(started.elapsed() < Duration::from_secs(10), "{args:?}");
+        assert!(started.elapsed() < one_shot_within(Duration::ZERO), "{args:?}");
     }
 }
 
@@ -207,14 +212,15 @@ async fn a_timeout_exits_1_with_one_line_naming_what_is_missing() {
         (&["--prefix", "/p/", "--gone"], "1 key under /p/, wanted at most 0"),
     ];
     for (args, detail) in cases {
-        let mut all = vec!["wait", "--endpoints", &eps, "--timeout", "1s"];
+        let timeout = "1s";
+        let mut all = vec!["wait", "--endpoints", &eps, "--timeout", timeout];
         all.extend_from_slice(args);
         let started = Instant::now();
         let (code, stdout, stderr) = out(&all);
         assert_eq!(code, Some(1), "{args:?}: {stderr}");
         assert_eq!(stderr, format!("sidekick: timed out after 1s: {detail}\n"), "{args:?}");
         assert!(stdout.is_empty());
-        assert!(started.elapsed() >= Duration::from_secs(1), "{args:?} waited");
+        assert!(started.elapsed() >= at_least(flag(timeout)), "{args:?} waited");
     }
 }
 
@@ -226,7 +232,7 @@ async fn an_etcd_restart_during_the_wait_does_not_end_it() {
     watching(&etcd, 0, 1.0).await;
     etcd.stop(0);
     // Reads fail and are retried for a while: no early exit 1.
-    assert_eq!(w.exit_within(Duration::from_secs(2)).await, None, "{}", w.log());
+    waits_through_the_outage(&mut w).await;
     etcd.restart(0).await;
     let mut c = etcd.client(0).await;
     put(&mut c, "/svc/a", "1").await;
@@ -237,7 +243,7 @@ async fn an_etcd_restart_during_the_wait_does_not_end_it() {
     let mut w = start_wait(&["/svc/b", "--timeout", "60s"], &eps);
     watching(&etcd, 0, 1.0).await;
     etcd.kill(0);
-    assert_eq!(w.exit_within(Duration::from_secs(1)).await, None, "{}", w.log());
+    waits_through_the_outage(&mut w).await;
     etcd.restart(0).await;
     let mut c = etcd.client(0).await;
     put(&mut c, "/svc/b", "1").await;
@@ -279,7 +285,7 @@ async fn a_dead_member_moves_the_wait_to_the_next_endpoint() {
     etcd.kill(0);
     let c = etcd.client(1).await;
     // Member 0 may have led the cluster: the put waits for a new leader.
-    let written = eventually(Duration::from_secs(20), || {
+    let written = eventually(ELECTION, || {
         let mut c = c.clone();
         async move { c.put("/svc/a", "1", None).await.is_ok() }
     })
@@ -298,7 +304,7 @@ async fn an_idle_wait_reads_nothing_while_it_waits() {
     let mut prefix = start_wait(&["--prefix", "/svc/", "--count", "2", "--timeout", "60s"], &eps);
     watching(&etcd, 0, 2.0).await;
     let reads = metric(&etcd, 0, "etcd_debugging_mvcc_range_total");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let_pass(IDLE).await;
     assert_eq!(
         metric(&etcd, 0, "etcd_debugging_mvcc_range_total"),
         reads,
