@@ -20,7 +20,7 @@
 //! `tests/it/model.rs` runs the same operations against this model and a
 //! real etcd and compares the answers. It proves nothing about etcd itself.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -165,7 +165,7 @@ impl State {
         if self.current(key).is_none() {
             return false;
         }
-        self.versions.entry(key.to_string()).or_default().push((rev, None));
+        self.set_version(key, rev, None);
         self.history.push(Event {
             put: false,
             kv: KeyValue {
@@ -196,14 +196,20 @@ impl State {
                 lease,
             },
         };
+        self.set_version(key, rev, Some(kv.clone()));
+        self.history.push(Event { put: true, kv });
+    }
+
+    /// Records `key`'s state as of `rev`. A second write of a key in one
+    /// revision replaces the first here (the history keeps both events):
+    /// etcd lets a transaction delete every key and put one, or put a key
+    /// in a nested transaction and delete it in a later one.
+    fn set_version(&mut self, key: &str, rev: i64, kv: Option<KeyValue>) {
         let versions = self.versions.entry(key.to_string()).or_default();
-        // A second write in one revision replaces the first (etcd refuses
-        // those before they get here; a revoke's deletes are distinct keys).
         if versions.last().is_some_and(|(r, _)| *r == rev) {
             versions.pop();
         }
-        versions.push((rev, Some(kv.clone())));
-        self.history.push(Event { put: true, kv });
+        versions.push((rev, kv));
     }
 
     /// Makes revision `rev` current and tells the watchers.
@@ -302,11 +308,10 @@ impl State {
                     OpResult::Put
                 }
                 Op::Delete(range) => {
-                    let keys: Vec<String> = self
-                        .live_keys(range, self.revision)
-                        .into_iter()
-                        .map(|kv| kv.key)
-                        .collect();
+                    // Like a read, a delete sees the writes before it (a
+                    // nested put, then a sibling's delete of the key).
+                    let now = if *changed { rev } else { self.revision };
+                    let keys: Vec<String> = self.live_keys(range, now).into_iter().map(|kv| kv.key).collect();
                     let mut n = 0;
                     for k in keys {
                         if self.write_delete(&k, rev) {
@@ -362,9 +367,13 @@ fn check_size(txn: &Txn, limit: usize) -> Result<(), RegistryError> {
     Ok(())
 }
 
-/// The puts and deletes of a branch, nested ones included: a key put twice,
-/// or put inside a deleted range, is refused, as etcd does.
-fn check_duplicates(ops: &[Op]) -> Result<(Vec<String>, Vec<Range>), RegistryError> {
+/// The puts and deletes of a branch, nested ones included, checked in
+/// etcd's order: this level's deletes first, then the nested transactions
+/// in turn (a put of theirs may not repeat an earlier one, though the two
+/// branches of one may put the same key, nor fall in a delete of this level
+/// or of an earlier nested one), then this level's puts. So a nested put
+/// followed by a sibling's delete of the key passes, as in etcd.
+fn check_duplicates(ops: &[Op]) -> Result<(BTreeSet<String>, Vec<Range>), RegistryError> {
     let dup = || {
         error(
             "run a transaction",
@@ -372,39 +381,49 @@ fn check_duplicates(ops: &[Op]) -> Result<(Vec<String>, Vec<Range>), RegistryErr
             "duplicate key given in txn request",
         )
     };
-    let mut puts: Vec<String> = Vec::new();
-    let mut dels: Vec<Range> = Vec::new();
+    let mut dels: Vec<Range> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Delete(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect();
+    let deleted = |dels: &[Range], key: &str| dels.iter().any(|r| overlaps(r, key));
+    let mut puts = BTreeSet::new();
     for op in ops {
-        let (p, d) = match op {
-            Op::Put { key, .. } => (vec![key.clone()], vec![]),
-            Op::Delete(r) => (vec![], vec![r.clone()]),
-            Op::Txn(t) => {
-                let (mut p1, mut d1) = check_duplicates(&t.then)?;
-                let (p2, d2) = check_duplicates(&t.otherwise)?;
-                for k in p2 {
-                    if !p1.contains(&k) {
-                        p1.push(k);
-                    }
-                }
-                d1.extend(d2);
-                (p1, d1)
-            }
-            Op::Get { .. } => continue,
-        };
-        for k in &p {
-            if puts.contains(k) || dels.iter().any(|r| r.contains(k)) {
+        let Op::Txn(t) = op else { continue };
+        let (then_puts, then_dels) = check_duplicates(&t.then)?;
+        let (else_puts, else_dels) = check_duplicates(&t.otherwise)?;
+        for k in &then_puts {
+            if puts.contains(k) || deleted(&dels, k) {
                 return Err(dup());
             }
+            puts.insert(k.clone());
         }
-        for r in &d {
-            if puts.iter().any(|k| r.contains(k)) {
+        for k in else_puts {
+            if (puts.contains(&k) && !then_puts.contains(&k)) || deleted(&dels, &k) {
                 return Err(dup());
             }
+            puts.insert(k);
         }
-        puts.extend(p);
-        dels.extend(d);
+        dels.extend(then_dels);
+        dels.extend(else_dels);
+    }
+    for op in ops {
+        let Op::Put { key, .. } = op else { continue };
+        if puts.contains(key) || deleted(&dels, key) {
+            return Err(dup());
+        }
+        puts.insert(key.clone());
     }
     Ok((puts, dels))
+}
+
+/// Whether etcd's duplicate check sees a put of `key` in a delete of
+/// `range`. A delete of every key (the empty prefix, sent as the range
+/// "\0".."\0") is an empty interval to that check: it overlaps no put.
+fn overlaps(range: &Range, key: &str) -> bool {
+    !matches!(range, Range::Prefix(p) if p.is_empty()) && range.contains(key)
 }
 
 /// A client of the model: clones share the store, each with its own watch.
