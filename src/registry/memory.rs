@@ -347,10 +347,12 @@ impl State {
     }
 }
 
-/// Counts what etcd counts: the largest of the compares, the success and
-/// the failure operations, and for each nested transaction its own count
-/// within what is left.
-fn check_size(txn: &Txn, limit: usize) -> Result<(), RegistryError> {
+/// Checks a request as etcd does before anything else. It counts what etcd
+/// counts: the largest of the compares, the success and the failure
+/// operations, and for each nested transaction its own count within what
+/// is left. And every key must be given: an empty one (not the empty
+/// prefix, which is every key) is refused.
+fn check_request(txn: &Txn, limit: usize) -> Result<(), RegistryError> {
     let n = txn.when.len().max(txn.then.len()).max(txn.otherwise.len());
     if n > limit {
         return Err(error(
@@ -359,9 +361,19 @@ fn check_size(txn: &Txn, limit: usize) -> Result<(), RegistryError> {
             "too many operations in txn request",
         ));
     }
+    let no_key = || error("run a transaction", ErrorKind::Other, "key is not provided");
+    if txn.when.iter().any(|c| c.key.is_empty()) {
+        return Err(no_key());
+    }
     for op in txn.then.iter().chain(&txn.otherwise) {
-        if let Op::Txn(t) = op {
-            check_size(t, limit - n)?;
+        match op {
+            Op::Txn(t) => check_request(t, limit - n)?,
+            Op::Put { key, .. }
+            | Op::Delete(Range::Key(key))
+            | Op::Get {
+                range: Range::Key(key), ..
+            } if key.is_empty() => return Err(no_key()),
+            _ => {}
         }
     }
     Ok(())
@@ -624,7 +636,7 @@ impl Etcd for Model {
 
     async fn txn(&mut self, txn: Txn) -> Result<TxnResult, RegistryError> {
         let mut s = self.begin("txn").await?;
-        check_size(&txn, MAX_TXN_OPS)?;
+        check_request(&txn, MAX_TXN_OPS)?;
         check_duplicates(&txn.then)?;
         check_duplicates(&txn.otherwise)?;
         if writes(&txn)
