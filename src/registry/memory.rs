@@ -256,41 +256,44 @@ impl State {
         }
     }
 
-    /// Checks a branch that is about to run, as etcd does before applying
-    /// anything: leases of puts exist, revisions of reads are kept.
-    fn check(&self, ops: &[Op]) -> Result<(), RegistryError> {
-        for op in ops {
+    /// Checks the branches about to run, as etcd does before applying
+    /// anything: first that the leases of all their puts exist, then that
+    /// the revisions of all their reads are kept.
+    fn check(&self, txn: &Txn) -> Result<(), RegistryError> {
+        self.on_path(txn, &|op| match op {
+            Op::Put { lease, .. } if *lease != 0 && !self.leases.contains_key(lease) => Err(error(
+                "run a transaction",
+                ErrorKind::LeaseNotFound,
+                "requested lease not found",
+            )),
+            _ => Ok(()),
+        })?;
+        self.on_path(txn, &|op| match op {
+            Op::Get { revision, .. } if *revision > self.revision => Err(error(
+                "run a transaction",
+                ErrorKind::FutureRevision,
+                "mvcc: required revision is a future revision",
+            )),
+            Op::Get { revision, .. } if *revision != 0 && *revision < self.compacted => Err(error(
+                "run a transaction",
+                ErrorKind::Compacted,
+                "mvcc: required revision has been compacted",
+            )),
+            _ => Ok(()),
+        })
+    }
+
+    /// Runs `f` on every operation of the branches `txn` would run.
+    fn on_path(&self, txn: &Txn, f: &dyn Fn(&Op) -> Result<(), RegistryError>) -> Result<(), RegistryError> {
+        let branch = if txn.when.iter().all(|c| self.compare(c)) {
+            &txn.then
+        } else {
+            &txn.otherwise
+        };
+        for op in branch {
             match op {
-                Op::Put { lease, .. } if *lease != 0 && !self.leases.contains_key(lease) => {
-                    return Err(error(
-                        "run a transaction",
-                        ErrorKind::LeaseNotFound,
-                        "requested lease not found",
-                    ))
-                }
-                Op::Get { revision, .. } if *revision > self.revision => {
-                    return Err(error(
-                        "run a transaction",
-                        ErrorKind::FutureRevision,
-                        "mvcc: required revision is a future revision",
-                    ))
-                }
-                Op::Get { revision, .. } if *revision != 0 && *revision < self.compacted => {
-                    return Err(error(
-                        "run a transaction",
-                        ErrorKind::Compacted,
-                        "mvcc: required revision has been compacted",
-                    ))
-                }
-                Op::Txn(t) => {
-                    let branch = if t.when.iter().all(|c| self.compare(c)) {
-                        &t.then
-                    } else {
-                        &t.otherwise
-                    };
-                    self.check(branch)?;
-                }
-                _ => {}
+                Op::Txn(t) => self.on_path(t, f)?,
+                other => f(other)?,
             }
         }
         Ok(())
@@ -649,7 +652,7 @@ impl Etcd for Model {
                 "permission denied (permission denied)",
             ));
         }
-        s.check(&[Op::Txn(txn.clone())])?;
+        s.check(&txn)?;
         let rev = s.revision + 1;
         let mut changed = false;
         let mut result = s.apply(&txn, rev, &mut changed);
