@@ -34,6 +34,13 @@ use super::{
 
 type WatchItem = Result<Vec<Event>, RegistryError>;
 
+/// etcd's shortest lease TTL in seconds: 1.5 election timeouts, rounded
+/// up; 2 with the default election timeout of one second.
+const MIN_LEASE_TTL: u64 = 2;
+
+/// etcd's longest lease TTL in seconds.
+const MAX_LEASE_TTL: u64 = 9_000_000_000;
+
 #[derive(Debug)]
 struct Watcher {
     ranges: Vec<Range>,
@@ -606,6 +613,12 @@ impl Model {
 impl Etcd for Model {
     async fn grant(&mut self, ttl: Duration, id: Option<LeaseId>) -> Result<Granted, RegistryError> {
         let mut s = self.begin("grant").await?;
+        // etcd counts whole seconds (the registry sends those), raised to
+        // its minimum, and refuses more than its maximum.
+        if ttl.as_secs() > MAX_LEASE_TTL {
+            return Err(error("grant a lease", ErrorKind::Other, "too large lease TTL"));
+        }
+        let ttl = Duration::from_secs(ttl.as_secs().max(MIN_LEASE_TTL));
         let id = match id {
             Some(id) if s.leases.contains_key(&id.0) => {
                 return Err(error("grant a lease", ErrorKind::LeaseExists, "lease already exists"))
