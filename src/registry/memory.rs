@@ -6,13 +6,17 @@
 //!   operations, nested ones included; keys keep their create and mod
 //!   revisions, version and lease; reads at a past revision see that past;
 //! - at most [`MAX_TXN_OPS`] operations in a transaction, a nested one
-//!   counting against what its parent leaves; a key put twice (or put and
-//!   deleted) in one transaction is refused; a put on a lease etcd does not
-//!   have fails the whole transaction;
-//! - leases granted with a chosen id (refused when it exists), kept alive
-//!   by id, expiring on the clock and deleting their keys in one revision;
+//!   counting against what its parent leaves; no empty key; a key put twice
+//!   (or put and deleted) in one transaction is refused, with etcd's
+//!   exceptions (a nested put then a sibling's delete of the key, a delete
+//!   of every key with puts); a put on a lease etcd does not have fails the
+//!   whole transaction, before any read of a compacted revision does;
+//! - leases granted with a chosen id (refused when it exists) for whole
+//!   seconds, at least etcd's minimum of 2, kept alive by id, expiring on
+//!   the clock and deleting their keys in one revision;
 //! - watches from a start revision replay the history from there (a
-//!   future one waits for it), a compacted one is cancelled;
+//!   future one waits for it), a compacted one is cancelled, and one from
+//!   the compaction point sees no deletion made at that point;
 //! - faults: unreachable (every request fails), hung (no request answers),
 //!   restarted (watches break, leases are renewed), wiped (all data gone,
 //!   revisions start again at 1).
@@ -589,7 +593,25 @@ impl Model {
     pub fn compact(&self, revision: i64) {
         let mut s = self.lock();
         s.compacted = revision;
-        s.history.retain(|e| e.kv.mod_revision >= revision);
+        // etcd keeps, of each key, only its last change at or before the
+        // compaction point, and that only when it is a put: a watch from
+        // the point itself replays those puts but no deletion made there.
+        let history = std::mem::take(&mut s.history);
+        s.history = history
+            .iter()
+            .enumerate()
+            .filter(|(i, e)| {
+                let at = e.kv.mod_revision;
+                let last_there = || {
+                    !history[i + 1..]
+                        .iter()
+                        .take_while(|later| later.kv.mod_revision == at)
+                        .any(|later| later.kv.key == e.kv.key)
+                };
+                at > revision || (at == revision && e.put && last_there())
+            })
+            .map(|(_, e)| e.clone())
+            .collect();
         for versions in s.versions.values_mut() {
             // Keep the newest version at or before the compaction point.
             let keep = versions.iter().rposition(|(r, _)| *r <= revision).unwrap_or(0);
