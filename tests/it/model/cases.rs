@@ -1,0 +1,501 @@
+//! Targeted sequences: each answer is compared between etcd and the model
+//! by [`Pair`], and checked against what etcd is known to answer, so that a
+//! model and an etcd wrong alike still fail.
+
+use std::time::Duration;
+
+use etcd_sidekick::registry::{Compare, ErrorKind, LeaseId, Op, OpResult, Target, Txn};
+
+use super::*;
+
+#[tokio::test]
+async fn revisions_versions_and_reads_at_a_past_revision() {
+    let mut p = Pair::start().await;
+    let r = p.txn(txn(vec![put("a/1", "x"), put("a/2", "y"), put("b", "z")])).await;
+    assert_eq!(r.unwrap().revision, 2, "one revision for the whole transaction");
+    assert_eq!(p.txn(txn(vec![put("a/1", "x2")])).await.unwrap().revision, 3);
+
+    let r = p
+        .txn(txn(vec![Op::get(prefix("a/")), Op::get(prefix(""))]))
+        .await
+        .unwrap();
+    assert_eq!(r.revision, 3, "a read changes nothing");
+    let a1 = &read(&r, 0)[0];
+    assert_eq!((a1.create_revision, a1.mod_revision, a1.version), (2, 3, 2));
+    assert_eq!(read(&r, 1).len(), 3);
+
+    let past = p.txn(txn(vec![get_at(key("a/1"), 2)])).await.unwrap();
+    assert_eq!((read(&past, 0)[0].value.as_str(), read(&past, 0)[0].version), ("x", 1));
+
+    let r = p.txn(txn(vec![Op::Delete(key("nothing"))])).await.unwrap();
+    assert_eq!(
+        (r.revision, r.results),
+        (3, vec![OpResult::Delete(0)]),
+        "deleting nothing changes nothing"
+    );
+    let r = p.txn(txn(vec![Op::Delete(prefix("a/"))])).await.unwrap();
+    assert_eq!((r.revision, r.results), (4, vec![OpResult::Delete(2)]));
+
+    p.txn(txn(vec![put("a/1", "again")])).await.unwrap();
+    let r = p
+        .txn(txn(vec![Op::get(key("a/1")), get_at(prefix("a/"), 3)]))
+        .await
+        .unwrap();
+    let again = &read(&r, 0)[0];
+    assert_eq!(
+        (again.create_revision, again.version),
+        (5, 1),
+        "a new life after the deletion"
+    );
+    assert_eq!(read(&r, 1).len(), 2, "the past still has both");
+
+    let count = Op::Get {
+        range: prefix(""),
+        revision: 0,
+        count_only: true,
+    };
+    let r = p.txn(txn(vec![count])).await.unwrap();
+    assert_eq!(r.results, vec![OpResult::Get { kvs: vec![], count: 2 }]);
+    let future = p.txn(txn(vec![get_at(key("b"), 6)])).await;
+    assert_eq!(future.unwrap_err(), ErrorKind::FutureRevision);
+}
+
+#[tokio::test]
+async fn a_read_sees_the_writes_before_it_and_compares_see_the_store_before() {
+    let mut p = Pair::start().await;
+    p.txn(txn(vec![put("k", "old")])).await.unwrap();
+    let ops = vec![
+        Op::get(key("k")),
+        put("k", "new"),
+        Op::get(key("k")),
+        get_at(key("k"), 2),
+        Op::Txn(txn(vec![put("n", "1")])),
+        Op::get(prefix("")),
+        Op::Txn(when(
+            vec![Compare::new("n", Target::Version(0))],
+            vec![Op::get(key("n"))],
+            vec![],
+        )),
+    ];
+    let r = p.txn(txn(ops)).await.unwrap();
+    assert_eq!(read(&r, 0)[0].value, "old");
+    let new = &read(&r, 2)[0];
+    assert_eq!((new.value.as_str(), new.mod_revision, new.version), ("new", 3, 2));
+    assert_eq!(read(&r, 3)[0].value, "old", "revision 2 is the past");
+    assert_eq!(read(&r, 5).len(), 2, "the nested put is seen");
+    let OpResult::Txn(nested) = &r.results[6] else {
+        panic!("{r:?}")
+    };
+    assert!(nested.succeeded, "n did not exist before the transaction");
+    assert_eq!(read(nested, 0).len(), 1, "but its read sees it");
+}
+
+#[tokio::test]
+async fn compares_on_a_missing_and_on_an_existing_key() {
+    let mut p = Pair::start().await;
+    p.txn(txn(vec![put("empty", "")])).await.unwrap();
+    let cases = [
+        ("missing", Target::Version(0), true),
+        ("missing", Target::CreateRevision(0), true),
+        ("missing", Target::ModRevision(0), true),
+        ("missing", Target::Lease(0), true),
+        ("missing", Target::Value(String::new()), false),
+        ("missing", Target::Version(1), false),
+        ("empty", Target::Value(String::new()), true),
+        ("empty", Target::Version(1), true),
+        ("empty", Target::CreateRevision(2), true),
+        ("empty", Target::ModRevision(2), true),
+        ("empty", Target::Lease(0), true),
+        ("empty", Target::Version(0), false),
+        ("empty", Target::Value("x".into()), false),
+    ];
+    for (k, target, holds) in cases {
+        let r = p.txn(when(vec![Compare::new(k, target.clone())], vec![], vec![])).await;
+        assert_eq!(r.unwrap().succeeded, holds, "{k} {target:?}");
+    }
+}
+
+/// A nested transaction of one compare and one put of its own key.
+fn guarded(k: &str) -> Op {
+    Op::Txn(when(
+        vec![Compare::new(k, Target::Version(0))],
+        vec![put(k, "v")],
+        vec![],
+    ))
+}
+
+fn puts(tag: &str, n: usize) -> Vec<Op> {
+    (0..n).map(|i| put(&format!("{tag}{i}"), "v")).collect()
+}
+
+/// The largest `n` for which `build(n)` is accepted, found by bisection
+/// (every attempt compared with the model); more than 512 fails.
+async fn largest_accepted(p: &mut Pair, build: impl Fn(usize) -> Txn) -> usize {
+    let (mut ok, mut refused) = (0, 512);
+    assert!(p.txn(build(ok)).await.is_ok());
+    assert_eq!(p.txn(build(refused)).await.unwrap_err(), ErrorKind::TooManyOps);
+    while refused - ok > 1 {
+        let mid = (ok + refused) / 2;
+        match p.txn(build(mid)).await {
+            Ok(_) => ok = mid,
+            Err(ErrorKind::TooManyOps) => refused = mid,
+            Err(other) => panic!("{mid}: {other:?}"),
+        }
+    }
+    ok
+}
+
+#[tokio::test]
+async fn the_operation_limit_counts_nested_transactions_against_their_parent() {
+    let mut p = Pair::start().await;
+    assert!(p.txn(txn(puts("f", 128))).await.is_ok());
+    assert_eq!(p.txn(txn(puts("f", 129))).await.unwrap_err(), ErrorKind::TooManyOps);
+    let nested = |n: usize| txn((0..n).map(|i| guarded(&format!("n{i}"))).collect());
+    assert!(p.txn(nested(127)).await.is_ok());
+    assert_eq!(p.txn(nested(128)).await.unwrap_err(), ErrorKind::TooManyOps);
+
+    // A parent of `size` operations, one of them a nested transaction:
+    // how many may the nested one have, puts or compares?
+    for size in [1, 2, 64, 100, 127] {
+        let with_puts = |n: usize| {
+            let mut ops = puts("p", size - 1);
+            ops.push(Op::Txn(txn(puts("q", n))));
+            txn(ops)
+        };
+        let with_compares = |n: usize| {
+            let mut ops = puts("p", size - 1);
+            let compares = (0..n)
+                .map(|i| Compare::new(&format!("c{i}"), Target::Version(0)))
+                .collect();
+            ops.push(Op::Txn(when(compares, vec![put("q", "v")], vec![])));
+            txn(ops)
+        };
+        let n = largest_accepted(&mut p, with_puts).await;
+        eprintln!("a parent of {size} operations leaves {n} to a nested transaction");
+        assert_eq!(n, 128 - size, "puts under a parent of {size}");
+        let n = largest_accepted(&mut p, with_compares).await;
+        assert_eq!(n, (128 - size).max(1), "compares under a parent of {size}");
+    }
+
+    // Three levels: 64 at the top leave 64 to the middle, which leaves
+    // 64 - 32 to the bottom.
+    let deep = |n: usize| {
+        let mut middle = puts("m", 31);
+        middle.push(Op::Txn(txn(puts("b", n))));
+        let mut top = puts("t", 63);
+        top.push(Op::Txn(txn(middle)));
+        txn(top)
+    };
+    assert_eq!(largest_accepted(&mut p, deep).await, 32);
+
+    // The branches are counted apart: 128 each is fine.
+    let both = when(vec![], puts("t", 128), puts("e", 128));
+    assert!(p.txn(both).await.is_ok());
+}
+
+/// Whether etcd accepts each transaction, as `(what, txn, accepted)`.
+async fn accepted(p: &mut Pair, cases: Vec<(&str, Txn, bool)>) {
+    for (what, t, ok) in cases {
+        match p.txn(t).await {
+            Ok(_) => assert!(ok, "{what}: accepted"),
+            Err(kind) => assert!(!ok && kind == ErrorKind::DuplicateKey, "{what}: {kind:?}"),
+        }
+    }
+}
+
+fn del(k: &str) -> Op {
+    Op::Delete(key(k))
+}
+
+fn nest(ops: Vec<Op>) -> Op {
+    Op::Txn(txn(ops))
+}
+
+#[tokio::test]
+async fn duplicate_keys_in_one_transaction() {
+    let mut p = Pair::start().await;
+    p.txn(txn(vec![put("k", "0"), put("d/k", "0")])).await.unwrap();
+    let whole = Op::Delete(prefix(""));
+    let cases = vec![
+        ("a put twice", txn(vec![put("k", "1"), put("k", "2")]), false),
+        ("a put and a delete", txn(vec![put("k", "1"), del("k")]), false),
+        ("a delete and a put", txn(vec![del("k"), put("k", "1")]), false),
+        (
+            "a put in a deleted prefix",
+            txn(vec![Op::Delete(prefix("d/")), put("d/k", "1")]),
+            false,
+        ),
+        (
+            "a prefix deleted after a put in it",
+            txn(vec![put("d/k", "1"), Op::Delete(prefix("d/"))]),
+            false,
+        ),
+        (
+            "two overlapping deletes",
+            txn(vec![Op::Delete(prefix("d/")), del("d/k")]),
+            true,
+        ),
+        (
+            "every key deleted and a put",
+            txn(vec![whole.clone(), put("k", "1")]),
+            true,
+        ),
+        ("a put and every key deleted", txn(vec![put("k", "1"), whole]), true),
+        (
+            "sibling nested puts",
+            txn(vec![nest(vec![put("k", "1")]), nest(vec![put("k", "2")])]),
+            false,
+        ),
+        (
+            "a nested put, then a sibling's delete",
+            txn(vec![nest(vec![put("k", "1")]), nest(vec![del("k")])]),
+            true,
+        ),
+        (
+            "a nested delete, then a sibling's put",
+            txn(vec![nest(vec![del("k")]), nest(vec![put("k", "1")])]),
+            false,
+        ),
+        (
+            "a nested put and a put beside it",
+            txn(vec![nest(vec![put("k", "1")]), put("k", "2")]),
+            false,
+        ),
+        (
+            "a put and a nested put after it",
+            txn(vec![put("k", "2"), nest(vec![put("k", "1")])]),
+            false,
+        ),
+        (
+            "a nested put and a delete beside it",
+            txn(vec![nest(vec![put("k", "1")]), del("k")]),
+            false,
+        ),
+        (
+            "a nested delete and a put beside it",
+            txn(vec![nest(vec![del("k")]), put("k", "1")]),
+            false,
+        ),
+        (
+            "a put in both branches of a nested txn",
+            txn(vec![Op::Txn(when(vec![], vec![put("k", "1")], vec![put("k", "2")]))]),
+            true,
+        ),
+        (
+            "a put in both branches",
+            when(vec![], vec![put("k", "1")], vec![put("k", "2")]),
+            true,
+        ),
+        (
+            "a nested else put and a sibling's then put",
+            txn(vec![
+                Op::Txn(when(vec![], vec![], vec![put("k", "1")])),
+                nest(vec![put("k", "2")]),
+            ]),
+            false,
+        ),
+    ];
+    accepted(&mut p, cases).await;
+
+    // A put then a delete of the same key in one revision: the key is gone.
+    let r = p
+        .txn(txn(vec![
+            nest(vec![put("g", "1")]),
+            nest(vec![del("g")]),
+            Op::get(key("g")),
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.results[1],
+        OpResult::Txn(TxnResult {
+            succeeded: true,
+            revision: r.revision,
+            results: vec![OpResult::Delete(1)]
+        })
+    );
+    assert!(read(&r, 2).is_empty());
+    let later = p.txn(txn(vec![put("g", "2"), Op::get(key("g"))])).await.unwrap();
+    assert_eq!(read(&later, 1)[0].version, 1);
+}
+
+#[tokio::test]
+async fn leases_with_chosen_ids() {
+    let mut p = Pair::start().await;
+    let ttl = Duration::from_secs(60);
+    let g = p.grant(ttl, 0x10).await.unwrap();
+    assert_eq!((g.id, g.ttl), (LeaseId(0x10), ttl));
+    assert_eq!(p.grant(ttl, 0x10).await.unwrap_err(), ErrorKind::LeaseExists);
+    assert_eq!(p.keep_alive(0x10).await.unwrap(), Some(ttl));
+    assert_eq!(p.keep_alive(0x99).await.unwrap(), None);
+
+    // A put on a lease etcd does not have refuses the whole transaction,
+    // in the branch that runs only.
+    let rev = p.revision().await;
+    let missing = || Op::put("y", "1", 0x99);
+    let refused = p.txn(txn(vec![put("x", "1"), missing()])).await;
+    assert_eq!(refused.unwrap_err(), ErrorKind::LeaseNotFound);
+    let refused = p.txn(txn(vec![put("x", "1"), nest(vec![missing()])])).await;
+    assert_eq!(refused.unwrap_err(), ErrorKind::LeaseNotFound);
+    let untaken = when(
+        vec![Compare::new("x", Target::Version(5))],
+        vec![missing()],
+        vec![put("x", "1")],
+    );
+    assert!(!p.txn(untaken).await.unwrap().succeeded);
+    assert_eq!(p.revision().await, rev + 1, "only the last one wrote");
+
+    // A revoke deletes the keys still attached, in one revision.
+    let attached = vec![Op::put("l/1", "a", 0x10), Op::put("l/2", "b", 0x10), put("l/3", "c")];
+    p.txn(txn(attached)).await.unwrap();
+    p.txn(txn(vec![put("l/2", "detached")])).await.unwrap();
+    let mut w = p.watch(&[prefix("l/")], rev + 4, false).await;
+    assert!(p.revoke(0x10).await.unwrap());
+    assert_eq!(p.revision().await, rev + 4);
+    let events = w.events().await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (events[0].put, events[0].kv.key.as_str(), events[0].kv.mod_revision),
+        (false, "l/1", rev + 4)
+    );
+    let left = p.txn(txn(vec![Op::get(prefix("l/"))])).await.unwrap();
+    assert_eq!(read(&left, 0).len(), 2);
+    assert!(!p.revoke(0x10).await.unwrap());
+    assert_eq!(p.keep_alive(0x10).await.unwrap(), None);
+
+    // A revoke with no key attached changes nothing; the id is free again.
+    p.grant(ttl, 0x11).await.unwrap();
+    assert!(p.revoke(0x11).await.unwrap());
+    assert_eq!(p.revision().await, rev + 4);
+    p.grant(ttl, 0x10).await.unwrap();
+}
+
+#[tokio::test]
+async fn lease_ttls_are_whole_seconds_from_etcds_minimum() {
+    let mut p = Pair::start().await;
+    let granted = |s: u64| Duration::from_secs(s);
+    assert_eq!(p.grant(Duration::from_secs(1), 0x20).await.unwrap().ttl, granted(2));
+    assert_eq!(p.grant(Duration::ZERO, 0x21).await.unwrap().ttl, granted(2));
+    assert_eq!(
+        p.grant(Duration::from_millis(3900), 0x22).await.unwrap().ttl,
+        granted(3)
+    );
+    assert_eq!(p.keep_alive(0x20).await.unwrap(), Some(granted(2)));
+    let too_long = p.grant(Duration::from_secs(9_000_000_001), 0x23).await;
+    assert_eq!(too_long.unwrap_err(), ErrorKind::Other);
+}
+
+#[tokio::test]
+async fn compaction_refuses_reads_below_it() {
+    let mut p = Pair::start().await;
+    p.txn(txn(vec![put("a", "1")])).await.unwrap();
+    p.txn(txn(vec![put("a", "2")])).await.unwrap();
+    p.txn(txn(vec![put("b", "1")])).await.unwrap();
+    p.txn(txn(vec![del("a")])).await.unwrap();
+    p.compact(4).await;
+    let below = p.txn(txn(vec![get_at(key("a"), 3)])).await;
+    assert_eq!(below.unwrap_err(), ErrorKind::Compacted);
+    let nested = p.txn(txn(vec![nest(vec![get_at(key("a"), 3)])])).await;
+    assert_eq!(nested.unwrap_err(), ErrorKind::Compacted);
+    let at = p
+        .txn(txn(vec![get_at(prefix(""), 4), get_at(prefix(""), 5)]))
+        .await
+        .unwrap();
+    assert_eq!(read(&at, 0).len(), 2);
+    assert_eq!(read(&at, 1).len(), 1);
+    let untaken = when(
+        vec![Compare::new("a", Target::Version(9))],
+        vec![get_at(key("a"), 3)],
+        vec![],
+    );
+    assert!(!p.txn(untaken).await.unwrap().succeeded);
+}
+
+#[tokio::test]
+async fn watches_replay_wait_filter_and_end_at_compaction() {
+    let mut p = Pair::start().await;
+    p.txn(txn(vec![put("w/a", "1")])).await.unwrap(); // 2
+    p.txn(txn(vec![put("w/b", "1")])).await.unwrap(); // 3
+    p.txn(txn(vec![del("w/a")])).await.unwrap(); // 4
+    p.txn(txn(vec![put("x", "1")])).await.unwrap(); // 5
+    p.txn(txn(vec![put("w/a", "2"), put("w/c", "1")])).await.unwrap(); // 6
+
+    let mut replay = p.watch(&[prefix("w/")], 3, false).await;
+    let revs = |events: &[Event]| events.iter().map(|e| (e.kv.mod_revision, e.put)).collect::<Vec<_>>();
+    assert_eq!(
+        revs(&replay.events().await),
+        [(3, true), (4, false), (6, true), (6, true)]
+    );
+    let mut deletes = p.watch(&[prefix("w/")], 2, true).await;
+    assert_eq!(revs(&deletes.events().await), [(4, false)]);
+    let mut one = p.watch(&[key("w/a")], 1, false).await;
+    assert_eq!(revs(&one.events().await), [(2, true), (4, false), (6, true)]);
+
+    let mut future = p.watch(&[prefix("w/")], 8, false).await;
+    p.txn(txn(vec![put("w/d", "1")])).await.unwrap(); // 7
+    assert!(future.events().await.is_empty(), "7 is before the start");
+    p.txn(txn(vec![del("w/b")])).await.unwrap(); // 8
+    assert_eq!(revs(&future.events().await), [(8, false)]);
+    assert_eq!(revs(&replay.events().await), [(7, true), (8, false)]);
+
+    // Two ranges on one stream: etcd replays each range apart, and orders
+    // the ranges' events of one revision as it likes; each range's events
+    // come in order.
+    let ranges = [key("w/a"), key("w/b")];
+    let mut two = p.watch(&ranges, 2, false).await;
+    let each: Vec<_> = two.events_by_range(&ranges).await.iter().map(|e| revs(e)).collect();
+    assert_eq!(
+        each,
+        [vec![(2, true), (4, false), (6, true)], vec![(3, true), (8, false)]]
+    );
+
+    // Compacted at 6: a watch from 5 is cancelled; one from 6 replays the
+    // puts at 6.
+    p.compact(6).await;
+    let mut cancelled = p.watch(&[prefix("w/")], 5, false).await;
+    assert_eq!(cancelled.ended().await, ErrorKind::Compacted);
+    let mut at = p.watch(&[prefix("w/")], 6, false).await;
+    assert_eq!(revs(&at.events().await), [(6, true), (6, true), (7, true), (8, false)]);
+}
+
+#[tokio::test]
+async fn a_watch_from_the_compaction_point_has_no_deletions_of_it() {
+    let mut p = Pair::start().await;
+    p.txn(txn(vec![put("k", "1"), put("j", "1")])).await.unwrap(); // 2
+    p.txn(txn(vec![del("k"), put("j", "2"), put("i", "1")])).await.unwrap(); // 3
+    p.txn(txn(vec![put("k", "2")])).await.unwrap(); // 4
+    p.compact(3).await;
+    let mut w = p.watch(&[prefix("")], 3, false).await;
+    let events = w.events().await;
+    let seen: Vec<(&str, i64, bool)> = events
+        .iter()
+        .map(|e| (e.kv.key.as_str(), e.kv.mod_revision, e.put))
+        .collect();
+    assert_eq!(
+        seen,
+        [("j", 3, true), ("i", 3, true), ("k", 4, true)],
+        "in the order written"
+    );
+}
+
+#[tokio::test]
+async fn empty_keys_are_refused() {
+    let mut p = Pair::start().await;
+    let refused = [
+        txn(vec![put("", "v")]),
+        txn(vec![Op::get(key(""))]),
+        txn(vec![del("")]),
+        txn(vec![nest(vec![put("", "v")])]),
+        when(vec![Compare::new("", Target::Version(0))], vec![], vec![]),
+    ];
+    for t in refused {
+        assert_eq!(p.txn(t.clone()).await.unwrap_err(), ErrorKind::Other, "{t:?}");
+    }
+    // The empty prefix is every key.
+    p.txn(txn(vec![put("k", "v"), put("l", "v")])).await.unwrap();
+    let all = p
+        .txn(txn(vec![Op::get(prefix("")), Op::Delete(prefix(""))]))
+        .await
+        .unwrap();
+    assert_eq!((read(&all, 0).len(), &all.results[1]), (2, &OpResult::Delete(2)));
+}
