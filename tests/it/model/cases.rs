@@ -409,6 +409,9 @@ async fn compaction_refuses_reads_below_it() {
         vec![],
     );
     assert!(!p.txn(untaken).await.unwrap().succeeded);
+    // The leases of the puts are checked before the revisions of the reads.
+    let both = txn(vec![get_at(key("a"), 3), Op::put("c", "1", 0x99)]);
+    assert_eq!(p.txn(both).await.unwrap_err(), ErrorKind::LeaseNotFound);
 }
 
 #[tokio::test]
