@@ -3,10 +3,12 @@
 //! compared relative to each store's start (revision 1 of a fresh store is
 //! relative 1), leases are granted with chosen ids so that they match, and
 //! watch events are compared as one flat list (etcd batches revisions as it
-//! likes). `cases` holds targeted sequences, `random` a seeded random walk.
+//! likes). `txns` and `history` hold targeted sequences, `random` a seeded
+//! random walk.
 
-mod cases;
+mod history;
 mod random;
+mod txns;
 
 use std::time::Duration;
 
@@ -370,6 +372,15 @@ pub fn key(k: &str) -> Range {
 
 pub fn prefix(p: &str) -> Range {
     Range::Prefix(p.to_string())
+}
+
+pub fn del(k: &str) -> Op {
+    Op::Delete(key(k))
+}
+
+/// A nested transaction without compares.
+pub fn nest(ops: Vec<Op>) -> Op {
+    Op::Txn(txn(ops))
 }
 
 /// Reads `range` at relative `revision` (0: now).
