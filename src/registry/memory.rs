@@ -6,13 +6,17 @@
 //!   operations, nested ones included; keys keep their create and mod
 //!   revisions, version and lease; reads at a past revision see that past;
 //! - at most [`MAX_TXN_OPS`] operations in a transaction, a nested one
-//!   counting against what its parent leaves; a key put twice (or put and
-//!   deleted) in one transaction is refused; a put on a lease etcd does not
-//!   have fails the whole transaction;
-//! - leases granted with a chosen id (refused when it exists), kept alive
-//!   by id, expiring on the clock and deleting their keys in one revision;
+//!   counting against what its parent leaves; no empty key; a key put twice
+//!   (or put and deleted) in one transaction is refused, with etcd's
+//!   exceptions (a nested put then a sibling's delete of the key, a delete
+//!   of every key with puts); a put on a lease etcd does not have fails the
+//!   whole transaction, before any read of a compacted revision does;
+//! - leases granted with a chosen id (refused when it exists) for whole
+//!   seconds, at least etcd's minimum of 2, kept alive by id, expiring on
+//!   the clock and deleting their keys in one revision;
 //! - watches from a start revision replay the history from there (a
-//!   future one waits for it), a compacted one is cancelled;
+//!   future one waits for it), a compacted one is cancelled, and one from
+//!   the compaction point sees no deletion made at that point;
 //! - faults: unreachable (every request fails), hung (no request answers),
 //!   restarted (watches break, leases are renewed), wiped (all data gone,
 //!   revisions start again at 1).
@@ -20,7 +24,7 @@
 //! `tests/it/model.rs` runs the same operations against this model and a
 //! real etcd and compares the answers. It proves nothing about etcd itself.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -33,6 +37,13 @@ use super::{
 };
 
 type WatchItem = Result<Vec<Event>, RegistryError>;
+
+/// etcd's shortest lease TTL in seconds: 1.5 election timeouts, rounded
+/// up; 2 with the default election timeout of one second.
+const MIN_LEASE_TTL: u64 = 2;
+
+/// etcd's longest lease TTL in seconds.
+const MAX_LEASE_TTL: u64 = 9_000_000_000;
 
 #[derive(Debug)]
 struct Watcher {
@@ -167,7 +178,7 @@ impl State {
         if self.current(key).is_none() {
             return false;
         }
-        self.versions.entry(key.to_string()).or_default().push((rev, None));
+        self.set_version(key, rev, None);
         self.history.push(Event {
             put: false,
             kv: KeyValue {
@@ -198,14 +209,20 @@ impl State {
                 lease,
             },
         };
+        self.set_version(key, rev, Some(kv.clone()));
+        self.history.push(Event { put: true, kv });
+    }
+
+    /// Records `key`'s state as of `rev`. A second write of a key in one
+    /// revision replaces the first here (the history keeps both events):
+    /// etcd lets a transaction delete every key and put one, or put a key
+    /// in a nested transaction and delete it in a later one.
+    fn set_version(&mut self, key: &str, rev: i64, kv: Option<KeyValue>) {
         let versions = self.versions.entry(key.to_string()).or_default();
-        // A second write in one revision replaces the first (etcd refuses
-        // those before they get here; a revoke's deletes are distinct keys).
         if versions.last().is_some_and(|(r, _)| *r == rev) {
             versions.pop();
         }
-        versions.push((rev, Some(kv.clone())));
-        self.history.push(Event { put: true, kv });
+        versions.push((rev, kv));
     }
 
     /// Makes revision `rev` current and tells the watchers.
@@ -252,41 +269,44 @@ impl State {
         }
     }
 
-    /// Checks a branch that is about to run, as etcd does before applying
-    /// anything: leases of puts exist, revisions of reads are kept.
-    fn check(&self, ops: &[Op]) -> Result<(), RegistryError> {
-        for op in ops {
+    /// Checks the branches about to run, as etcd does before applying
+    /// anything: first that the leases of all their puts exist, then that
+    /// the revisions of all their reads are kept.
+    fn check(&self, txn: &Txn) -> Result<(), RegistryError> {
+        self.on_path(txn, &|op| match op {
+            Op::Put { lease, .. } if *lease != 0 && !self.leases.contains_key(lease) => Err(error(
+                "run a transaction",
+                ErrorKind::LeaseNotFound,
+                "requested lease not found",
+            )),
+            _ => Ok(()),
+        })?;
+        self.on_path(txn, &|op| match op {
+            Op::Get { revision, .. } if *revision > self.revision => Err(error(
+                "run a transaction",
+                ErrorKind::FutureRevision,
+                "mvcc: required revision is a future revision",
+            )),
+            Op::Get { revision, .. } if *revision != 0 && *revision < self.compacted => Err(error(
+                "run a transaction",
+                ErrorKind::Compacted,
+                "mvcc: required revision has been compacted",
+            )),
+            _ => Ok(()),
+        })
+    }
+
+    /// Runs `f` on every operation of the branches `txn` would run.
+    fn on_path(&self, txn: &Txn, f: &dyn Fn(&Op) -> Result<(), RegistryError>) -> Result<(), RegistryError> {
+        let branch = if txn.when.iter().all(|c| self.compare(c)) {
+            &txn.then
+        } else {
+            &txn.otherwise
+        };
+        for op in branch {
             match op {
-                Op::Put { lease, .. } if *lease != 0 && !self.leases.contains_key(lease) => {
-                    return Err(error(
-                        "run a transaction",
-                        ErrorKind::LeaseNotFound,
-                        "requested lease not found",
-                    ))
-                }
-                Op::Get { revision, .. } if *revision > self.revision => {
-                    return Err(error(
-                        "run a transaction",
-                        ErrorKind::FutureRevision,
-                        "mvcc: required revision is a future revision",
-                    ))
-                }
-                Op::Get { revision, .. } if *revision != 0 && *revision < self.compacted => {
-                    return Err(error(
-                        "run a transaction",
-                        ErrorKind::Compacted,
-                        "mvcc: required revision has been compacted",
-                    ))
-                }
-                Op::Txn(t) => {
-                    let branch = if t.when.iter().all(|c| self.compare(c)) {
-                        &t.then
-                    } else {
-                        &t.otherwise
-                    };
-                    self.check(branch)?;
-                }
-                _ => {}
+                Op::Txn(t) => self.on_path(t, f)?,
+                other => f(other)?,
             }
         }
         Ok(())
@@ -304,11 +324,10 @@ impl State {
                     OpResult::Put
                 }
                 Op::Delete(range) => {
-                    let keys: Vec<String> = self
-                        .live_keys(range, self.revision)
-                        .into_iter()
-                        .map(|kv| kv.key)
-                        .collect();
+                    // Like a read, a delete sees the writes before it (a
+                    // nested put, then a sibling's delete of the key).
+                    let now = if *changed { rev } else { self.revision };
+                    let keys: Vec<String> = self.live_keys(range, now).into_iter().map(|kv| kv.key).collect();
                     let mut n = 0;
                     for k in keys {
                         if self.write_delete(&k, rev) {
@@ -344,10 +363,12 @@ impl State {
     }
 }
 
-/// Counts what etcd counts: the largest of the compares, the success and
-/// the failure operations, and for each nested transaction its own count
-/// within what is left.
-fn check_size(txn: &Txn, limit: usize) -> Result<(), RegistryError> {
+/// Checks a request as etcd does before anything else. It counts what etcd
+/// counts: the largest of the compares, the success and the failure
+/// operations, and for each nested transaction its own count within what
+/// is left. And every key must be given: an empty one (not the empty
+/// prefix, which is every key) is refused.
+fn check_request(txn: &Txn, limit: usize) -> Result<(), RegistryError> {
     let n = txn.when.len().max(txn.then.len()).max(txn.otherwise.len());
     if n > limit {
         return Err(error(
@@ -356,17 +377,31 @@ fn check_size(txn: &Txn, limit: usize) -> Result<(), RegistryError> {
             "too many operations in txn request",
         ));
     }
+    let no_key = || error("run a transaction", ErrorKind::Other, "key is not provided");
+    if txn.when.iter().any(|c| c.key.is_empty()) {
+        return Err(no_key());
+    }
     for op in txn.then.iter().chain(&txn.otherwise) {
-        if let Op::Txn(t) = op {
-            check_size(t, limit - n)?;
+        match op {
+            Op::Txn(t) => check_request(t, limit - n)?,
+            Op::Put { key, .. }
+            | Op::Delete(Range::Key(key))
+            | Op::Get {
+                range: Range::Key(key), ..
+            } if key.is_empty() => return Err(no_key()),
+            _ => {}
         }
     }
     Ok(())
 }
 
-/// The puts and deletes of a branch, nested ones included: a key put twice,
-/// or put inside a deleted range, is refused, as etcd does.
-fn check_duplicates(ops: &[Op]) -> Result<(Vec<String>, Vec<Range>), RegistryError> {
+/// The puts and deletes of a branch, nested ones included, checked in
+/// etcd's order: this level's deletes first, then the nested transactions
+/// in turn (a put of theirs may not repeat an earlier one, though the two
+/// branches of one may put the same key, nor fall in a delete of this level
+/// or of an earlier nested one), then this level's puts. So a nested put
+/// followed by a sibling's delete of the key passes, as in etcd.
+fn check_duplicates(ops: &[Op]) -> Result<(BTreeSet<String>, Vec<Range>), RegistryError> {
     let dup = || {
         error(
             "run a transaction",
@@ -374,39 +409,49 @@ fn check_duplicates(ops: &[Op]) -> Result<(Vec<String>, Vec<Range>), RegistryErr
             "duplicate key given in txn request",
         )
     };
-    let mut puts: Vec<String> = Vec::new();
-    let mut dels: Vec<Range> = Vec::new();
+    let mut dels: Vec<Range> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Delete(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect();
+    let deleted = |dels: &[Range], key: &str| dels.iter().any(|r| overlaps(r, key));
+    let mut puts = BTreeSet::new();
     for op in ops {
-        let (p, d) = match op {
-            Op::Put { key, .. } => (vec![key.clone()], vec![]),
-            Op::Delete(r) => (vec![], vec![r.clone()]),
-            Op::Txn(t) => {
-                let (mut p1, mut d1) = check_duplicates(&t.then)?;
-                let (p2, d2) = check_duplicates(&t.otherwise)?;
-                for k in p2 {
-                    if !p1.contains(&k) {
-                        p1.push(k);
-                    }
-                }
-                d1.extend(d2);
-                (p1, d1)
-            }
-            Op::Get { .. } => continue,
-        };
-        for k in &p {
-            if puts.contains(k) || dels.iter().any(|r| r.contains(k)) {
+        let Op::Txn(t) = op else { continue };
+        let (then_puts, then_dels) = check_duplicates(&t.then)?;
+        let (else_puts, else_dels) = check_duplicates(&t.otherwise)?;
+        for k in &then_puts {
+            if puts.contains(k) || deleted(&dels, k) {
                 return Err(dup());
             }
+            puts.insert(k.clone());
         }
-        for r in &d {
-            if puts.iter().any(|k| r.contains(k)) {
+        for k in else_puts {
+            if (puts.contains(&k) && !then_puts.contains(&k)) || deleted(&dels, &k) {
                 return Err(dup());
             }
+            puts.insert(k);
         }
-        puts.extend(p);
-        dels.extend(d);
+        dels.extend(then_dels);
+        dels.extend(else_dels);
+    }
+    for op in ops {
+        let Op::Put { key, .. } = op else { continue };
+        if puts.contains(key) || deleted(&dels, key) {
+            return Err(dup());
+        }
+        puts.insert(key.clone());
     }
     Ok((puts, dels))
+}
+
+/// Whether etcd's duplicate check sees a put of `key` in a delete of
+/// `range`. A delete of every key (the empty prefix, sent as the range
+/// "\0".."\0") is an empty interval to that check: it overlaps no put.
+fn overlaps(range: &Range, key: &str) -> bool {
+    !matches!(range, Range::Prefix(p) if p.is_empty()) && range.contains(key)
 }
 
 /// A client of the model: clones share the store, each with its own watch.
@@ -563,7 +608,25 @@ impl Model {
     pub fn compact(&self, revision: i64) {
         let mut s = self.lock();
         s.compacted = revision;
-        s.history.retain(|e| e.kv.mod_revision >= revision);
+        // etcd keeps, of each key, only its last change at or before the
+        // compaction point, and that only when it is a put: a watch from
+        // the point itself replays those puts but no deletion made there.
+        let history = std::mem::take(&mut s.history);
+        s.history = history
+            .iter()
+            .enumerate()
+            .filter(|(i, e)| {
+                let at = e.kv.mod_revision;
+                let last_there = || {
+                    !history[i + 1..]
+                        .iter()
+                        .take_while(|later| later.kv.mod_revision == at)
+                        .any(|later| later.kv.key == e.kv.key)
+                };
+                at > revision || (at == revision && e.put && last_there())
+            })
+            .map(|(_, e)| e.clone())
+            .collect();
         for versions in s.versions.values_mut() {
             // Keep the newest version at or before the compaction point.
             let keep = versions.iter().rposition(|(r, _)| *r <= revision).unwrap_or(0);
@@ -587,6 +650,12 @@ impl Model {
 impl Etcd for Model {
     async fn grant(&mut self, ttl: Duration, id: Option<LeaseId>) -> Result<Granted, RegistryError> {
         let mut s = self.begin("grant").await?;
+        // etcd counts whole seconds (the registry sends those), raised to
+        // its minimum, and refuses more than its maximum.
+        if ttl.as_secs() > MAX_LEASE_TTL {
+            return Err(error("grant a lease", ErrorKind::Other, "too large lease TTL"));
+        }
+        let ttl = Duration::from_secs(ttl.as_secs().max(MIN_LEASE_TTL));
         let id = match id {
             Some(id) if s.leases.contains_key(&id.0) => {
                 return Err(error("grant a lease", ErrorKind::LeaseExists, "lease already exists"))
@@ -630,7 +699,7 @@ impl Etcd for Model {
 
     async fn txn(&mut self, txn: Txn) -> Result<TxnResult, RegistryError> {
         let mut s = self.begin("txn").await?;
-        check_size(&txn, MAX_TXN_OPS)?;
+        check_request(&txn, MAX_TXN_OPS)?;
         check_duplicates(&txn.then)?;
         check_duplicates(&txn.otherwise)?;
         if writes(&txn)
@@ -643,7 +712,7 @@ impl Etcd for Model {
                 "permission denied (permission denied)",
             ));
         }
-        s.check(&[Op::Txn(txn.clone())])?;
+        s.check(&txn)?;
         let rev = s.revision + 1;
         let mut changed = false;
         let mut result = s.apply(&txn, rev, &mut changed);

@@ -11,6 +11,7 @@ mod grpc_probe;
 mod guarantees;
 mod haproxy;
 mod harness;
+mod model;
 mod netns;
 mod oneshot;
 mod operability;
