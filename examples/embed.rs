@@ -22,9 +22,10 @@ use std::time::Duration;
 
 use etcd_sidekick::config::Timing;
 use etcd_sidekick::discover::parse_endpoints;
+use etcd_sidekick::engine::{Policy, Service, Settings};
+use etcd_sidekick::hooks::Hooks;
 use etcd_sidekick::probe::Probe;
 use etcd_sidekick::registry::EtcdRegistry;
-use etcd_sidekick::sidekick::{self, Plan};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -69,10 +70,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     println!("serving on {addr}, announced as {key}");
 
-    // What to keep in etcd, and how.
-    let plan = Plan {
+    // What to keep in etcd, and how: one service, withdrawn by revoking
+    // its lease, as `sidekick run` does.
+    let service = Service {
+        name: key.clone(),
+        file: Default::default(),
         keys: vec![(key, addr.to_string())],
         shared: vec![],
+        probe: None,
         timing: Timing {
             interval: Duration::from_secs(2),
             rise: 1,
@@ -81,10 +86,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             grace: Duration::ZERO,
             drain: Duration::ZERO,
         },
+    };
+    let settings = Settings {
+        ttl: Duration::from_secs(10),
         stop_timeout: Duration::from_secs(5), // bound on the final revoke
+        policy: Policy::Revoke,
     };
     let endpoints = parse_endpoints("--endpoints", &endpoints)?;
     let registry = EtcdRegistry::new(endpoints, etcd_client::ConnectOptions::new(), Duration::from_secs(5));
+
+    // No probe: announced while the process lives.
+    let build = |_: &Service| Ok(None::<Probe>);
+    let hooks = Hooks::default();
 
     // One token stops both the service and the announcement.
     let token = CancellationToken::new();
@@ -107,7 +120,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         signalled
     };
     let (_, (), stopped) = tokio::join!(
-        sidekick::run(&plan, None::<Probe>, registry, token.clone()),
+        etcd_sidekick::run::run(service, &settings, &build, registry, &hooks, token.clone()),
         serve,
         stop
     );

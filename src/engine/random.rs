@@ -130,7 +130,9 @@ impl World {
                 .filter(|(k, _)| !self.foreign.contains_key(k))
                 .map(|(k, _)| (k.clone(), self.reg.get(k).map(|kv| kv.value)))
                 .collect();
-            let all_ours = own.iter().all(|(k, v)| v.as_deref() == Self::our_value(s, k).as_deref());
+            let all_ours = own
+                .iter()
+                .all(|(k, v)| v.as_deref() == Self::our_value(s, k).as_deref());
             let none = own.iter().all(|(_, v)| v.is_none());
             let alive = proc_.ended.is_none();
             let up = alive && t.active && t.healthy;
@@ -142,7 +144,10 @@ impl World {
                 let bound = self.register_bound(s);
                 let fine = (now - t.since).min(now - t.active_since);
                 if fine >= bound && etcd_ok.is_some_and(|e| e >= bound) && calm >= bound + self.ttl / 3 && !all_ours {
-                    return Err(format!("service {p}/{i} healthy for {} s: keys missing: {own:?}", secs(fine)));
+                    return Err(format!(
+                        "service {p}/{i} healthy for {} s: keys missing: {own:?}",
+                        secs(fine)
+                    ));
                 }
             } else {
                 // A process that ended leaves its keys to its lease (the
@@ -244,7 +249,9 @@ impl World {
                 self.note(format!("reload {p}: service {i} active={active}"));
             }
             45..=52 => {
-                let faults = ["refused", "hung", "answers", "answers", "lease", "restart", "wipe", "compact"];
+                let faults = [
+                    "refused", "hung", "answers", "answers", "lease", "restart", "wipe", "compact",
+                ];
                 let f = faults[rng.usize(..faults.len())];
                 match f {
                     "refused" => {
@@ -317,7 +324,9 @@ impl World {
             }
             70..=72 => {
                 // SIGTERM or SIGKILL of a process (never the last one).
-                let alive: Vec<usize> = (0..self.procs.len()).filter(|&p| self.procs[p].ended.is_none()).collect();
+                let alive: Vec<usize> = (0..self.procs.len())
+                    .filter(|&p| self.procs[p].ended.is_none())
+                    .collect();
                 if alive.len() < 2 {
                     return;
                 }
@@ -410,7 +419,13 @@ async fn case(seed: u64) -> Result<(), (String, Vec<String>)> {
     w.foreign.insert("/svc/foreign/1".into(), "x".into());
     for p in 0..w.procs.len() {
         let proc_ = &w.procs[p];
-        let h = start_engine(&reg, proc_.policy, ttl.as_secs(), proc_.services.clone(), Hooks::default());
+        let h = start_engine(
+            &reg,
+            proc_.policy,
+            ttl.as_secs(),
+            proc_.services.clone(),
+            Hooks::default(),
+        );
         for i in 0..proc_.services.len() {
             w.tracks.insert(
                 (p, i),
@@ -473,7 +488,10 @@ async fn case(seed: u64) -> Result<(), (String, Vec<String>)> {
 
 #[test]
 fn random_schedules_keep_the_guarantees() {
-    let first: u64 = std::env::var("ENGINE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261204);
+    let first: u64 = std::env::var("ENGINE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20261204);
     let cases: u64 = std::env::var("ENGINE_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -485,10 +503,7 @@ fn random_schedules_keep_the_guarantees() {
             .build()
             .expect("a runtime");
         if let Err((what, log)) = rt.block_on(case(seed)) {
-            panic!(
-                "ENGINE_SEED={seed} fails: {what}\nschedule:\n{}",
-                log.join("\n")
-            );
+            panic!("ENGINE_SEED={seed} fails: {what}\nschedule:\n{}", log.join("\n"));
         }
     }
 }

@@ -101,12 +101,15 @@ impl Probes {
     }
 }
 
+/// The configuration a test reloads, and the signal that reloads it.
+pub(super) type Reloader = (watch::Sender<u64>, Arc<Mutex<Vec<Service>>>);
+
 /// A running engine: its probes, its store, and the token that stops it.
 pub(super) struct Harness {
     pub(super) probes: Probes,
     pub(super) token: CancellationToken,
     pub(super) task: tokio::task::JoinHandle<bool>,
-    pub(super) reload: Option<(watch::Sender<u64>, Arc<Mutex<Vec<Service>>>)>,
+    pub(super) reload: Option<Reloader>,
 }
 
 pub(super) fn start_engine(reg: &Model, policy: Policy, ttl_s: u64, services: Vec<Service>, hooks: Hooks) -> Harness {

@@ -349,7 +349,12 @@ async fn traefik_recipe_writes_servers_and_a_shared_router() {
     let written: Vec<i64> = {
         let mut revs = Vec::new();
         for k in ["rule", "service", "entrypoints/0"] {
-            revs.push(crate::harness::get(&mut c, &format!("{router}{k}")).await.unwrap().mod_revision());
+            revs.push(
+                crate::harness::get(&mut c, &format!("{router}{k}"))
+                    .await
+                    .unwrap()
+                    .mod_revision(),
+            );
         }
         revs
     };
@@ -358,7 +363,9 @@ async fn traefik_recipe_writes_servers_and_a_shared_router() {
     first.stop();
     assert!(key_becomes(&c, &format!("{servers}1/url"), None, SOON).await);
     for (i, k) in ["rule", "service", "entrypoints/0"].iter().enumerate() {
-        let kv = crate::harness::get(&mut c, &format!("{router}{k}")).await.expect("the router stays");
+        let kv = crate::harness::get(&mut c, &format!("{router}{k}"))
+            .await
+            .expect("the router stays");
         assert_eq!(kv.mod_revision(), written[i], "{k} untouched");
     }
     // The last one goes: nothing is left for Traefik to route to once the
