@@ -655,9 +655,17 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
         self.hooks.notify(Notice::Status(&line));
     }
 
-    /// The keys of every service went with the process lease.
+    /// The keys of every service went with the process lease. etcd may
+    /// have lost every lease (its data wiped): the shared keys' service
+    /// leases are checked at once, ahead of the new registrations, so no
+    /// instance shows up without its shared keys.
     fn lost_lease(&mut self) {
         self.lease = None;
+        for sk in self.shared.values_mut() {
+            if sk.refresh_at.is_some() {
+                sk.refresh_at = Some(Instant::now());
+            }
+        }
         for s in self.services.values_mut() {
             if s.registered || s.partly {
                 s.takeover = false;

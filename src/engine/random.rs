@@ -14,7 +14,7 @@
 //! - nothing is written while nothing changes.
 //!
 //! `ENGINE_SEED=N` replays one case; `ENGINE_CASES=N` runs N cases from
-//! `ENGINE_SEED` on (default: 40 cases from a fixed seed, a few seconds);
+//! `ENGINE_SEED` on (default: 300 cases from a fixed seed, about ten seconds);
 //! a failure prints the seed and the schedule up to it. A long run:
 //! `ENGINE_CASES=5000 cargo test --release --lib engine::random`.
 
@@ -54,6 +54,10 @@ struct Track {
     /// foreign writer take a key over (a first registration takes keys
     /// over, as the contract says).
     seen: bool,
+    /// A foreign writer deleted a key of ours that it had taken over while
+    /// we were registered: the engine does not watch its own keys, so the
+    /// key comes back at the next registration only (a documented limit).
+    orphan: bool,
 }
 
 struct World {
@@ -143,7 +147,12 @@ impl World {
             if up {
                 let bound = self.register_bound(s);
                 let fine = (now - t.since).min(now - t.active_since);
-                if fine >= bound && etcd_ok.is_some_and(|e| e >= bound) && calm >= bound + self.ttl / 3 && !all_ours {
+                if !t.orphan
+                    && fine >= bound
+                    && etcd_ok.is_some_and(|e| e >= bound)
+                    && calm >= bound + self.ttl / 3
+                    && !all_ours
+                {
                     return Err(format!(
                         "service {p}/{i} healthy for {} s: keys missing: {own:?}",
                         secs(fine)
@@ -209,6 +218,9 @@ impl World {
                     t.healthy = healthy;
                     t.since = now;
                 }
+                if !healthy {
+                    t.orphan = false;
+                }
                 self.note(format!("service {p}/{i} healthy={healthy}"));
             }
             35..=44 => {
@@ -238,6 +250,7 @@ impl World {
                 t.active = active;
                 t.active_since = now;
                 t.seen = false;
+                t.orphan = false;
                 // A service added back starts probing afresh, healthy.
                 if active {
                     let name = self.procs[p].services[i].name.clone();
@@ -311,6 +324,11 @@ impl World {
                 let k = self.foreign.keys().next().expect("non-empty").clone();
                 self.foreign.remove(&k);
                 self.reg.delete(&k);
+                for ((p, i), t) in self.tracks.iter_mut() {
+                    if k.starts_with(&format!("/svc/p{p}/s{i}/")) && t.healthy {
+                        t.orphan = true;
+                    }
+                }
                 // Ours again within an interval (held keys are retried).
                 self.disturbed = now;
                 self.note(format!("foreign writer deletes {k}"));
@@ -435,6 +453,7 @@ async fn case(seed: u64) -> Result<(), (String, Vec<String>)> {
                     active: true,
                     active_since: start,
                     seen: false,
+                    orphan: false,
                 },
             );
         }
@@ -495,7 +514,7 @@ fn random_schedules_keep_the_guarantees() {
     let cases: u64 = std::env::var("ENGINE_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(if std::env::var("ENGINE_SEED").is_ok() { 1 } else { 40 });
+        .unwrap_or(if std::env::var("ENGINE_SEED").is_ok() { 1 } else { 300 });
     for seed in first..first + cases {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -148,7 +148,12 @@ impl State {
         }
     }
 
+    /// When the next lease expires; none while hung (a frozen etcd expires
+    /// nothing).
     fn next_expiry(&self) -> Option<Instant> {
+        if self.hung {
+            return None;
+        }
         self.leases.values().map(|(_, at)| *at).min()
     }
 
