@@ -395,7 +395,10 @@ mod tests {
         m.set_hung(true);
         let started = tokio::time::Instant::now();
         let e = announce(&mut m.clone(), LIMIT, &keys, None).await.unwrap_err();
-        assert_eq!(e.to_string(), "could not put the keys at model: no answer within 1s");
+        assert_eq!(
+            e.to_string(),
+            "could not put the keys at model: no answer within 1s (writing /k)"
+        );
         assert_eq!(started.elapsed(), LIMIT, "bounded by the limit");
         m.set_hung(false);
         assert_eq!((m.get("/k"), m.leases()), (None, vec![]));

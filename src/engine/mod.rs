@@ -613,6 +613,9 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
             }
         }
         match action {
+            // A lost lease is no reason to wait: its keep-alive, due now,
+            // replaces it and the step runs again right after.
+            Some(_) if e.kind == ErrorKind::LeaseNotFound => {}
             Some(a) if e.kind != ErrorKind::Unavailable => self.step(a).failed(),
             _ => self.global.failed(),
         }

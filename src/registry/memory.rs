@@ -504,7 +504,8 @@ impl Model {
         };
         if hung {
             tokio::time::sleep(bound).await;
-            return Err(error(op, ErrorKind::Unavailable, "no answer within the call bound"));
+            let cause = format!("no answer within {}", humantime::format_duration(bound));
+            return Err(error(op, ErrorKind::Unavailable, &cause));
         }
         Ok(self.lock())
     }
