@@ -620,7 +620,8 @@ async fn a_service_refused_by_etcd_never_holds_up_another() {
         service("web", &[("/services/web/1", "v")], &[], timing(1000, 1, 1, 15)),
     ];
     let h = start_engine(&reg, Policy::PerKey, 15, services, Hooks::default());
-    at(1.0).await;
+    // Two services start at random phases within their interval.
+    at(2.5).await;
     assert!(reg.get("/services/web/1").is_some());
     h.probes.get("web").set(false);
     at(1.2).await;
