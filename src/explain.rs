@@ -45,6 +45,11 @@ pub struct Explanation {
     pub stale_after_sigkill: Duration,
     /// What each etcd leader change during that time can add: L.
     pub stale_per_leader_change: Duration,
+    /// Shared keys (`--shared`) outlive the last instance declaring them by
+    /// at most L: their service lease's TTL, the largest `--ttl` among the
+    /// instances that declared them (these flags' when they all run with
+    /// them). An instance leaving never writes them.
+    pub shared_keys_outlive_last_instance: Duration,
     /// Start with a healthy instance → keys put: (R − 1) × I + T, the first
     /// probe going at once; 0 without a probe.
     pub register_after_start: Duration,
@@ -97,6 +102,7 @@ impl Explanation {
             exit_after_sigterm: d + t.drain,
             stale_after_sigkill: l,
             stale_per_leader_change: l,
+            shared_keys_outlive_last_instance: l,
             register_after_start: inputs
                 .probe_timeout
                 .map_or(Duration::ZERO, |timeout| (t.rise - 1) * i + timeout),
@@ -193,6 +199,11 @@ impl Explanation {
         for (label, value, how) in rows {
             out.push_str(&format!("  {label:<36}{value:>9}   {how}\n"));
         }
+        out.push_str(&format!(
+            "  shared keys (--shared) outlive the last instance declaring them by at most {} \
+             (the largest --ttl of those instances); an instance leaving never writes them\n",
+            secs(self.shared_keys_outlive_last_instance)
+        ));
         out.push_str("\nrequests:\n");
         out.push_str(&format!(
             "  a keep-alive every {} ({} a minute), each etcd call bounded by {}\n",
@@ -231,6 +242,7 @@ impl Explanation {
             "exit_after_sigterm_s": s(self.exit_after_sigterm),
             "stale_after_sigkill_s": s(self.stale_after_sigkill),
             "stale_per_leader_change_s": s(self.stale_per_leader_change),
+            "shared_keys_outlive_last_instance_s": s(self.shared_keys_outlive_last_instance),
             "register_after_start_s": s(self.register_after_start),
             "register_after_recovery_s": opt(self.register_after_recovery),
             "register_after_etcd_back_s": s(self.register_after_etcd_back),
@@ -433,8 +445,10 @@ mod tests {
         assert_eq!(e.keepalive_every, ms(3_000));
         assert_eq!(e.etcd_call_bound, ms(3_000));
         assert_eq!(e.probe_every_least, Some(ms(900)));
+        assert_eq!(e.shared_keys_outlive_last_instance, ms(9_000), "the TTL");
         let j = e.json();
         assert_eq!(j["keepalives_per_minute"], 20.0);
+        assert_eq!(j["shared_keys_outlive_last_instance_s"], 9.0);
         assert_eq!(j["probes_per_minute_max"], 66.667);
         assert_eq!(j["withdraw_after_failure_in_grace_s"], 13.2);
     }
@@ -493,6 +507,7 @@ mod tests {
             "registered after etcd returns",
             "a keep-alive every 0.667 s (90 a minute)",
             "a probe every 0.81 s to 0.9 s (66.7 to 74.1 a minute)",
+            "shared keys (--shared) outlive the last instance declaring them by at most 2 s (the largest --ttl",
             "warning: --fall 1",
         ] {
             assert!(text.contains(want), "{want:?} in:\n{text}");
@@ -505,6 +520,7 @@ mod tests {
             "register_after_start_s",
             "register_after_recovery_s",
             "register_after_etcd_back_s",
+            "shared_keys_outlive_last_instance_s",
             "keepalives_per_minute",
             "probes_per_minute_max",
         ] {
@@ -515,6 +531,14 @@ mod tests {
         let none = Explanation::new(inputs(5_000, None, 2, 2, 15_000, 5_000, 0));
         assert!(none.text().contains("no probe"), "{}", none.text());
         assert!(none.json()["withdraw_after_failure_s"].is_null());
+        // Without a probe the shared keys are held all the same.
+        assert!(
+            none.text()
+                .contains("outlive the last instance declaring them by at most 15 s"),
+            "{}",
+            none.text()
+        );
+        assert_eq!(none.json()["shared_keys_outlive_last_instance_s"], 15.0);
     }
 
     // The README's "Guarantees" table is the other half of this module: its
@@ -567,6 +591,42 @@ mod tests {
         let events: Vec<String> = readme_rows().into_iter().map(|r| r.0).collect();
         let ours: Vec<&str> = ROWS.iter().map(|r| r.0).collect();
         assert_eq!(events, ours);
+    }
+
+    /// The Guarantees section states the shared keys' bound in a sentence
+    /// under the table, with explain's JSON field for it.
+    #[test]
+    fn readme_guarantees_state_the_shared_keys_bound_of_explain() {
+        let section = README.split("\n## Guarantees\n").nth(1).unwrap();
+        let section = section.split("\n## ").next().unwrap();
+        let sentence = section
+            .split("\n\n")
+            .map(|p| p.replace('\n', " "))
+            .find(|p| p.contains("outlive the last instance declaring them by at most"))
+            .expect("a paragraph on the shared keys' bound");
+        let bound = sentence
+            .split("by at most ")
+            .nth(1)
+            .map(formula::leading)
+            .expect("the bound");
+        assert_eq!(bound, [formula::Tok::Var('L')], "{sentence}");
+        assert!(sentence.contains("`shared_keys_outlive_last_instance_s`"), "{sentence}");
+        let e = Explanation::new(defaults());
+        assert_eq!(e.shared_keys_outlive_last_instance, e.inputs.timing.ttl);
+    }
+
+    /// The README's `sidekick explain` section names every JSON field.
+    #[test]
+    fn readme_lists_every_json_field_of_explain() {
+        let section = README
+            .split("### How fast will it react? `sidekick explain`")
+            .nth(1)
+            .expect("README has the explain section");
+        let section = section.split("\n### ").next().unwrap();
+        let j = Explanation::new(defaults()).json();
+        for field in j.as_object().unwrap().keys() {
+            assert!(section.contains(&format!("`{field}`")), "README names `{field}`");
+        }
     }
 
     #[test]
