@@ -148,12 +148,16 @@ fn dispatch(command: Command) -> Result<ExitCode, Failure> {
 fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     let cfg = config::run_config(&args, &SystemEnv)?;
     let options = connect_options(&cfg.etcd).map_err(Failure::Usage)?;
-    // A probe that cannot be set up fails now, before anything is written.
-    cfg.probe
+    // A probe that cannot be set up fails now, before anything is written;
+    // the engine is handed this one rather than building it again.
+    let probe = cfg
+        .probe
         .as_ref()
         .map(Probe::new)
         .transpose()
         .map_err(|e| Failure::Runtime(e.into()))?;
+    let probe = std::sync::Mutex::new(probe);
+    let build = |_: &etcd_sidekick::engine::Service| Ok(probe.lock().expect("probe lock").take());
     let d = &cfg.etcd.discovery;
     let endpoints = d.endpoints.join(",");
     match &cfg.probe {
@@ -183,7 +187,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         let hooks = Hooks::new(&cfg.ops, &d.endpoints[0], true, Some(switch), token.clone())
             .await
             .map_err(|e| anyhow::Error::new(e).context("could not serve --status-addr"))?;
-        etcd_sidekick::run::run(service, &settings, &agent::build_probe, registry, &hooks, token).await;
+        etcd_sidekick::run::run(service, &settings, &build, registry, &hooks, token).await;
         Ok::<_, Failure>(())
     })??;
     Ok(ExitCode::Success)

@@ -138,7 +138,7 @@ impl Running {
     }
 
     fn keys(&self) -> Vec<String> {
-        self.spec.keys.iter().map(|(k, _)| k.clone()).collect()
+        keys_of(&self.spec)
     }
 }
 
@@ -277,7 +277,8 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
         };
         let cx = Context {
             board: board.clone(),
-            pulse: has_probe.then(|| pulse.clone()),
+            // The pulse is read only by `/healthz` and the watchdog.
+            pulse: (has_probe && (self.hooks.boards.is_some() || self.hooks.watchdog.is_some())).then(|| pulse.clone()),
             notifier: if self.services.is_empty() && !spread {
                 self.hooks.notifier.clone()
             } else {
@@ -290,7 +291,8 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
             } else {
                 Duration::ZERO
             },
-            permits: Some(self.permits.clone()),
+            // Only an agent has services to bound against each other.
+            permits: (self.settings.policy == Policy::PerKey).then(|| self.permits.clone()),
         };
         if probe.is_some() || !has_probe {
             let out = Publish {
@@ -481,9 +483,7 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
     /// One turn of the loop that does the work: beats for the services
     /// without a probe, and `WATCHDOG=1` when every probe loop is alive.
     fn tick(&self) {
-        for s in self.services.values().filter(|s| s.spec.probe.is_none()) {
-            s.pulse.beat();
-        }
+        self.tick_no_probe();
         if self.hooks.watchdog.is_some() && self.services.values().all(|s| s.pulse.alive()) {
             self.hooks.notify(Notice::Watchdog);
         }

@@ -349,26 +349,25 @@ fn instance(name: &str, t: Timing) -> Service {
     service(name, &[(name, "v")], &[(SHARED, "8080")], t)
 }
 
+/// A `run` of one instance declaring the shared key, TTL `ttl_s`.
+fn start_instance(reg: &Model, name: &str, ttl_s: u64) -> Harness {
+    start_engine(
+        reg,
+        Policy::Revoke,
+        ttl_s,
+        vec![instance(name, timing(1000, 1, 1, ttl_s))],
+        Hooks::default(),
+    )
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_shared_key_is_held_jointly_and_outlives_a_leaving_instance_without_a_write() {
     let reg = Model::new();
     let service_lease = shared::lease_id(SHARED, "8080").0;
-    let a = start_engine(
-        &reg,
-        Policy::Revoke,
-        15,
-        vec![instance("/services/web/hosts/a", timing(1000, 1, 1, 15))],
-        Hooks::default(),
-    );
+    let a = start_instance(&reg, "/services/web/hosts/a", 15);
     at(0.5).await;
     assert_eq!(lease_of(&reg, SHARED), Some(service_lease), "under the service lease");
-    let b = start_engine(
-        &reg,
-        Policy::Revoke,
-        15,
-        vec![instance("/services/web/hosts/b", timing(1000, 1, 1, 15))],
-        Hooks::default(),
-    );
+    let b = start_instance(&reg, "/services/web/hosts/b", 15);
     at(0.5).await;
     assert!(reg.get("/services/web/hosts/b").is_some());
     let created = reg.get(SHARED).unwrap().mod_revision;
@@ -409,13 +408,7 @@ async fn a_shared_key_is_held_jointly_and_outlives_a_leaving_instance_without_a_
 #[tokio::test(start_paused = true)]
 async fn a_wipe_brings_back_the_keys_and_the_shared_keys() {
     let reg = Model::new();
-    let _a = start_engine(
-        &reg,
-        Policy::Revoke,
-        6,
-        vec![instance(KEY, timing(1000, 1, 1, 6))],
-        Hooks::default(),
-    );
+    let _a = start_instance(&reg, KEY, 6);
     at(0.5).await;
     assert!(reg.get(SHARED).is_some());
     reg.wipe();
@@ -428,13 +421,7 @@ async fn a_wipe_brings_back_the_keys_and_the_shared_keys() {
 async fn a_foreign_or_permanent_shared_value_is_never_overwritten() {
     let reg = Model::new();
     reg.put_foreign(SHARED, "9090", 0);
-    let _a = start_engine(
-        &reg,
-        Policy::Revoke,
-        15,
-        vec![instance("/services/web/hosts/a", timing(1000, 1, 1, 15))],
-        Hooks::default(),
-    );
+    let _a = start_instance(&reg, "/services/web/hosts/a", 15);
     at(0.5).await;
     assert!(reg.get("/services/web/hosts/a").is_some(), "registers all the same");
     at(10.0).await;
@@ -446,13 +433,7 @@ async fn a_foreign_or_permanent_shared_value_is_never_overwritten() {
 async fn a_refused_shared_key_never_delays_the_own_keys() {
     let reg = Model::new();
     reg.deny(SHARED);
-    let _a = start_engine(
-        &reg,
-        Policy::Revoke,
-        15,
-        vec![instance("/services/web/hosts/a", timing(1000, 1, 1, 15))],
-        Hooks::default(),
-    );
+    let _a = start_instance(&reg, "/services/web/hosts/a", 15);
     at(0.5).await;
     assert!(reg.get("/services/web/hosts/a").is_some(), "own keys in");
     assert_eq!(reg.get(SHARED), None);

@@ -279,23 +279,7 @@ impl Drop for Haproxy {
 /// One HTTP/1.0 GET through the frontend: the status code and the body, or
 /// what went wrong.
 pub(crate) fn get_through(port: u16, path: &str) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(IO)).unwrap();
-    s.set_write_timeout(Some(IO)).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: web.test\r\nConnection: close\r\n\r\n").as_bytes())
-        .map_err(|e| format!("write: {e}"))?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| format!("read: {e}"))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no header end: {text:?}"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no status: {head:?}"))?;
-    Ok((code, body.to_string()))
+    http_get(port, "web.test", path)
 }
 
 /// What one burst of requests did.

@@ -1095,13 +1095,6 @@ pub mod proxy {
     /// A sidekick given SIGTERM until it has exited.
     pub const EXIT: Duration = Duration::from_secs(15);
 
-    /// Traefik given SIGTERM until it has exited, before SIGKILL.
-    pub const STOP: Duration = Duration::from_secs(10);
-
-    /// Read and write timeouts of the test's own requests through Traefik
-    /// and to its API: a request that hangs fails instead of hanging.
-    pub const IO: Duration = Duration::from_secs(5);
-
     /// Requests sent to see every registered instance answer, at most.
     pub const ROUND: usize = 200;
 
@@ -1109,4 +1102,27 @@ pub mod proxy {
     /// itself after this long or this many requests, whichever is first.
     pub const LOAD_TIME: Duration = Duration::from_secs(300);
     pub const LOAD_REQUESTS: usize = 2_000_000;
+}
+
+/// One HTTP/1.0 GET to `127.0.0.1:port` with `Host: host`, as a client of
+/// a load balancer sends it: the status code and the body, or what went
+/// wrong.
+pub fn http_get(port: u16, host: &str, path: &str) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(bounds::IO)).unwrap();
+    s.set_write_timeout(Some(bounds::IO)).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no header end: {text:?}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status: {head:?}"))?;
+    Ok((code, body.to_string()))
 }

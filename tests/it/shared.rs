@@ -3,14 +3,12 @@
 //! instance leaving (SIGTERM, failure, SIGKILL) writes anything; never
 //! overwritten; expired after the last one goes.
 
-use std::time::Duration;
-
 use etcd_client::Client;
 use etcd_sidekick::engine::shared::lease_id;
 
+use crate::harness::bounds::*;
 use crate::harness::*;
 
-const SEC: Duration = Duration::from_secs(1);
 const SCHEME: &str = "/services/web/scheme";
 const HOST_PORT: &str = "/services/web/host_port";
 
@@ -26,6 +24,18 @@ fn instance(n: usize, eps: &str, url: &str) -> Running {
         "/services/web/host_port=8080",
     ]);
     Running::start(&args)
+}
+
+/// The figures of every instance's flags (they differ only in key and value).
+fn figures() -> Figures {
+    Figures::of(&fast_run(
+        "/k",
+        "v",
+        "http://127.0.0.1/health",
+        "http://127.0.0.1:2379",
+        "1",
+        "1",
+    ))
 }
 
 /// The value and lease of `key`, if it exists.
@@ -48,7 +58,11 @@ async fn instances(etcd: &Etcd, backend: &Backend, n: usize) -> Vec<Running> {
         let sk = instance(i, &eps, &url);
         let key = format!("/services/web/hosts/{i}");
         let value = format!("10.0.0.{i}:8080");
-        assert!(key_becomes(&c, &key, Some(&value), 10 * SEC).await, "{}", sk.log());
+        assert!(
+            key_becomes(&c, &key, Some(&value), figures().registration()).await,
+            "{}",
+            sk.log()
+        );
         running.push(sk);
     }
     running
@@ -80,21 +94,21 @@ async fn the_shared_keys_are_held_jointly_and_an_instance_leaving_writes_nothing
 
     // Steady: two instances with shared keys write nothing.
     let before = revision(&mut c).await;
-    tokio::time::sleep(3 * SEC).await; // the scenario: watch for writes
+    let_pass(figures().steady()).await;
     assert_eq!(revision(&mut c).await, before, "zero revisions while steady");
 
     // One stops: its own key goes, the shared keys are not touched.
     sks[0].signal("TERM");
-    assert!(key_becomes(&c, "/services/web/hosts/1", None, 5 * SEC).await);
-    assert_eq!(sks[0].exit_within(5 * SEC).await.unwrap().code(), Some(0));
-    tokio::time::sleep(3 * SEC).await; // longer than the TTL: the other keeps them alive
+    assert!(key_becomes(&c, "/services/web/hosts/1", None, figures().stop_withdrawal()).await);
+    assert_eq!(sks[0].exit_within(figures().exit()).await.unwrap().code(), Some(0));
+    let_pass(figures().past_ttl()).await; // the other keeps them alive meanwhile
     assert_eq!(shared_revisions(&mut c).await, written, "{}", sks[1].log());
 
     // The last one stops: the keys outlive it by at most the TTL (2 s).
     sks[1].signal("TERM");
-    assert!(key_becomes(&c, "/services/web/hosts/2", None, 5 * SEC).await);
-    assert!(key_becomes(&c, SCHEME, None, 5 * SEC).await);
-    assert!(key_becomes(&c, HOST_PORT, None, 5 * SEC).await);
+    assert!(key_becomes(&c, "/services/web/hosts/2", None, figures().stop_withdrawal()).await);
+    assert!(key_becomes(&c, SCHEME, None, figures().expiry()).await);
+    assert!(key_becomes(&c, HOST_PORT, None, figures().expiry()).await);
     assert!(c
         .get("/services/", Some(etcd_client::GetOptions::new().with_prefix()))
         .await
@@ -113,23 +127,23 @@ async fn killed_and_failing_instances_change_nothing_for_the_others() {
 
     // Killed: its lease expires (2 s TTL) with its own key only.
     sks[0].signal("KILL");
-    assert!(key_becomes(&c, "/services/web/hosts/1", None, 5 * SEC).await);
-    tokio::time::sleep(3 * SEC).await; // longer than the TTL of every lease
+    assert!(key_becomes(&c, "/services/web/hosts/1", None, figures().expiry()).await);
+    let_pass(figures().past_ttl()).await; // every lease of its would have expired
     assert_eq!(shared_revisions(&mut c).await, written, "{}", sks[1].log());
 
     // Another withdraws: still nothing.
     sks[1].signal("TERM");
-    assert!(key_becomes(&c, "/services/web/hosts/2", None, 5 * SEC).await);
+    assert!(key_becomes(&c, "/services/web/hosts/2", None, figures().stop_withdrawal()).await);
     assert_eq!(shared_revisions(&mut c).await, written);
 
     // Deleted by hand while an instance is registered: back at once,
     // under the service lease.
     c.delete(SCHEME, None).await.unwrap();
-    assert!(key_becomes(&c, SCHEME, Some("http"), 2 * SEC).await, "{}", sks[2].log());
+    assert!(key_becomes(&c, SCHEME, Some("http"), SOON).await, "{}", sks[2].log());
     assert_eq!(lease_of(&mut c, SCHEME).await, service_lease(SCHEME, "http"));
     sks[2].signal("TERM");
-    assert!(key_becomes(&c, SCHEME, None, 5 * SEC).await);
-    assert!(key_becomes(&c, HOST_PORT, None, 5 * SEC).await);
+    assert!(key_becomes(&c, SCHEME, None, figures().expiry()).await);
+    assert!(key_becomes(&c, HOST_PORT, None, figures().expiry()).await);
 }
 
 #[tokio::test]
@@ -151,9 +165,17 @@ async fn a_foreign_or_permanent_value_is_never_overwritten_and_warned_about_once
     // Withdraw and re-register a few times: still one warning per value.
     for _ in 0..2 {
         backend.set_healthy(false);
-        assert!(key_becomes(&c, "/services/web/hosts/1", None, 5 * SEC).await);
+        assert!(key_becomes(&c, "/services/web/hosts/1", None, figures().withdrawal()).await);
         backend.set_healthy(true);
-        assert!(key_becomes(&c, "/services/web/hosts/1", Some("10.0.0.1:8080"), 5 * SEC).await);
+        assert!(
+            key_becomes(
+                &c,
+                "/services/web/hosts/1",
+                Some("10.0.0.1:8080"),
+                figures().reregistration()
+            )
+            .await
+        );
     }
     assert_eq!(
         held(&mut c, SCHEME).await,
@@ -180,7 +202,7 @@ async fn a_foreign_or_permanent_value_is_never_overwritten_and_warned_about_once
     // The foreign holder goes: the instance puts its own value, under the
     // service lease.
     c.lease_revoke(theirs).await.unwrap();
-    assert!(key_becomes(&c, HOST_PORT, Some("8080"), 2 * SEC).await, "{log}");
+    assert!(key_becomes(&c, HOST_PORT, Some("8080"), SOON).await, "{log}");
     assert_eq!(lease_of(&mut c, HOST_PORT).await, service_lease(HOST_PORT, "8080"));
 }
 
@@ -195,7 +217,7 @@ async fn an_etcd_restart_and_a_wipe_keep_the_invariant() {
     // Restart with the data: the same leases hold the same keys, unwritten.
     etcd.restart(0).await;
     let mut c = etcd.client(0).await;
-    tokio::time::sleep(3 * SEC).await; // longer than the TTL: leases must be kept alive
+    let_pass(figures().past_ttl()).await; // leases must be kept alive meanwhile
     assert_eq!(shared_revisions(&mut c).await, written, "{}", sks[0].log());
 
     // Wiped: every lease is lost; both instances register again, and the
@@ -204,10 +226,18 @@ async fn an_etcd_restart_and_a_wipe_keep_the_invariant() {
     let mut c = etcd.client(0).await;
     for i in 1..=2 {
         let (k, v) = (format!("/services/web/hosts/{i}"), format!("10.0.0.{i}:8080"));
-        assert!(key_becomes(&c, &k, Some(&v), 10 * SEC).await, "{}", sks[i - 1].log());
+        assert!(
+            key_becomes(&c, &k, Some(&v), figures().etcd_back() + figures().keepalives(1)).await,
+            "{}",
+            sks[i - 1].log()
+        );
     }
     for (k, v) in [(SCHEME, "http"), (HOST_PORT, "8080")] {
-        assert!(key_becomes(&c, k, Some(v), 10 * SEC).await, "{}", sks[0].log());
+        assert!(
+            key_becomes(&c, k, Some(v), figures().etcd_back() + figures().keepalives(1)).await,
+            "{}",
+            sks[0].log()
+        );
         assert_eq!(lease_of(&mut c, k).await, service_lease(k, v));
     }
 }
@@ -254,7 +284,7 @@ async fn a_key_both_own_and_shared_or_shared_twice_differently_is_a_usage_error(
     .stderr(std::process::Stdio::null())
     .spawn();
     let mut ok = ok.unwrap();
-    tokio::time::sleep(SEC / 2).await;
+    let_pass(QUIET).await;
     assert!(ok.try_wait().unwrap().is_none(), "accepted and running");
     signal(ok.id(), "KILL");
     let _ = ok.wait();

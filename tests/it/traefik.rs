@@ -10,8 +10,6 @@
 //! sidekicks have registered, as the recipe's README advises.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
@@ -21,6 +19,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tempfile::TempDir;
 
+use crate::harness::bounds::{POLL, STOP};
 use crate::harness::proxy::*;
 use crate::harness::*;
 use crate::recipes::{documented, read, Documented};
@@ -52,28 +51,6 @@ fn replace_once(text: &str, from: &str, to: &str) -> String {
         "examples/traefik/traefik.yml should have {from} once:\n{text}"
     );
     text.replacen(from, to, 1)
-}
-
-/// One HTTP/1.0 GET to `127.0.0.1:port` with `Host: host`: the status
-/// code and the body, or what went wrong.
-fn http_get(port: u16, host: &str, path: &str) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(IO)).unwrap();
-    s.set_write_timeout(Some(IO)).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
-        .map_err(|e| format!("write: {e}"))?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| format!("read: {e}"))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no header end: {text:?}"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no status: {head:?}"))?;
-    Ok((code, body.to_string()))
 }
 
 /// A Traefik process we started, with its configuration and logs in a temp
@@ -221,7 +198,7 @@ impl Drop for Traefik {
                 signal(c.id(), "TERM");
                 let deadline = Instant::now() + STOP;
                 while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
+                    std::thread::sleep(POLL);
                 }
                 let _ = c.kill();
             }
