@@ -87,8 +87,13 @@ ensure_packages() {
 
 # Whether the Traefik the tests run is there, at the pinned version.
 traefik_present() {
-  local bin="$TRAEFIK_VENV/bin/traefik"
-  [ -x "$bin" ] && "$bin" version 2>/dev/null | grep -Eq "^Version: +v?$TRAEFIK_VERSION\$"
+  local bin="$TRAEFIK_VENV/bin/traefik" out
+  [ -x "$bin" ] || return 1
+  # Read the whole answer first: `grep -q` stopping at the first line would
+  # leave traefik writing to a closed pipe, and under `pipefail` (the
+  # scripts that source this) that SIGPIPE would read as "not present".
+  out=$("$bin" version 2>/dev/null) || return 1
+  grep -Eq "^Version: +v?$TRAEFIK_VERSION\$" <<<"$out"
 }
 
 # Makes the virtualenv $TRAEFIK_VENV with `python3 -m venv` (pip included);
