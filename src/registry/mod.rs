@@ -390,7 +390,13 @@ mod range_tests {
                 end: b"/web0".to_vec()
             }
         );
-        for (key, inside) in [("/api/1", true), ("/web/9", true), ("/db/1", true), ("/web0", false), ("/", false)] {
+        for (key, inside) in [
+            ("/api/1", true),
+            ("/web/9", true),
+            ("/db/1", true),
+            ("/web0", false),
+            ("/", false),
+        ] {
             assert_eq!(span.contains(key), inside, "{key}");
         }
         assert_eq!(Range::covering(&p(&["", "/a/"])), Range::Prefix(String::new()));

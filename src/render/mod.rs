@@ -562,3 +562,5 @@ async fn apply_reload<S>(
     }
     *running = kept;
 }
+#[cfg(test)]
+mod tests;
