@@ -62,28 +62,44 @@ fn main() {
 }
 
 /// Help and version print as clap does; every other parse error becomes one
-/// line naming the flag, and exit 2.
+/// line naming the flag (with clap's "a similar argument exists" tip when it
+/// has one), and exit 2. A missing argument adds clap's usage line.
 fn clap_exit(e: clap::Error) -> ! {
     if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         e.exit();
     }
-    // The first paragraph of clap's message, folded onto one line.
+    eprintln!("sidekick: {}", clap_message(&e));
+    process::exit(ExitCode::Usage.code());
+}
+
+/// clap's message as this command prints it (see [`clap_exit`]).
+fn clap_message(e: &clap::Error) -> String {
     let text = e.render().to_string();
-    let line = text
-        .lines()
-        .map(str::trim)
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    // The first paragraph of clap's message, folded onto one line.
+    let first = lines
+        .iter()
         .skip_while(|l| l.is_empty())
         .take_while(|l| !l.is_empty())
+        .copied()
         .collect::<Vec<_>>()
         .join(" ");
-    let line = match e.kind() {
+    let mut line = match e.kind() {
         ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            "a command is required: run, agent, render, check, announce, withdraw, discover, list, wait or explain (see --help)"
+            return "a command is required: run, agent, render, check, announce, withdraw, discover, list, wait or explain (see --help)".into();
         }
-        _ => line.trim_start_matches("error: "),
+        _ => first.trim_start_matches("error: ").to_string(),
     };
-    eprintln!("sidekick: {line}");
-    process::exit(ExitCode::Usage.code());
+    for tip in lines.iter().filter(|l| l.starts_with("tip:")) {
+        line.push_str(&format!("; {}", tip.trim_start_matches("tip:").trim()));
+    }
+    if e.kind() == ErrorKind::MissingRequiredArgument {
+        if let Some(usage) = lines.iter().find(|l| l.starts_with("Usage:")) {
+            line.push('\n');
+            line.push_str(usage);
+        }
+    }
+    line
 }
 
 fn init_logging(format: LogFormat) {
@@ -168,15 +184,21 @@ fn run(args: RunArgs) -> Result<ExitCode, Failure> {
             rule = %d.rule,
             "no probe given: announcing unconditionally while running"
         ),
-        Some(_) => info!(
-            endpoints = %endpoints,
-            rule = %d.rule,
-            "probing {}",
-            [&args.probe.http, &args.probe.tcp, &args.probe.exec, &args.probe.grpc]
-                .into_iter()
-                .find_map(|f| f.as_deref())
-                .unwrap_or_default()
-        ),
+        Some(_) => {
+            // An --exec command may carry a secret: its first word only,
+            // the whole of it at debug.
+            let target = match &args.probe.exec {
+                Some(cmd) => {
+                    tracing::debug!(command = %cmd, "the exec probe's command");
+                    format!("with --exec {} ...", cmd.split_whitespace().next().unwrap_or_default())
+                }
+                None => [&args.probe.http, &args.probe.tcp, &args.probe.grpc]
+                    .into_iter()
+                    .find_map(|f| f.clone())
+                    .unwrap_or_default(),
+            };
+            info!(endpoints = %endpoints, rule = %d.rule, "probing {target}")
+        }
     }
     let service = etcd_sidekick::run::service(&cfg);
     let settings = etcd_sidekick::run::settings(&cfg);
