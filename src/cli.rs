@@ -267,7 +267,7 @@ pub struct DiscoverArgs {
 }
 
 /// How the instance is probed by `run` and `check`.
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args, Default, Clone)]
 #[command(next_help_heading = "Probe")]
 pub struct ProbeArgs {
     /// Probe with an HTTP(S) request to URL.
@@ -314,7 +314,7 @@ pub struct WaitArgs {
 }
 
 /// Options shared by every probe.
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args, Default, Clone)]
 #[command(next_help_heading = "Probe")]
 pub struct ProbeOptions {
     /// Healthy status codes: a comma list of codes and ranges [default: 200-399].
