@@ -389,10 +389,10 @@ fn the_checkers_refuse_a_broken_configuration() {
     }
 }
 
-/// Values that would write proxy directives if printed as they are: each
-/// must fail the rendering (exit 1) and print no configuration.
+/// Values, and keys, that would write proxy directives if printed as they
+/// are: each must fail the rendering (exit 1) and print no configuration.
 #[tokio::test]
-async fn values_that_are_not_addresses_fail_every_shipped_template() {
+async fn values_and_keys_that_would_write_directives_fail_every_shipped_template() {
     let newline = "10.0.0.1:80\n    server evil 6.6.6.6:80";
     let second_word = "10.0.0.1:80 backup";
     let semicolon = "10.0.0.1:80; include /etc/passwd";
@@ -405,26 +405,30 @@ async fn values_that_are_not_addresses_fail_every_shipped_template() {
     // The seed layout's port, printed on its own.
     cases.push((&SEED, "/services/web/host_port", "8080 ssl crt /etc/passwd"));
     cases.push((&SEED, "/services/web/host_port", "8080\n    bind *:9999"));
+    // The HAProxy templates print the key's last segment as the server's
+    // name, and a key is written by the same hands as its value.
+    cases.push((&HAPROXY, "/services/web/1\n    server evil 6.6.6.6:80 #", "10.0.0.1:80"));
+    cases.push((
+        &SEED,
+        "/services/web/hosts/1\n    server evil 6.6.6.6:80 #",
+        "10.0.0.1:80",
+    ));
 
     let etcd = Etcd::start().await;
     let mut c = etcd.client(0).await;
     let mut accepted = Vec::new();
-    for (example, key, bad) in cases {
-        // A good instance beside the bad value: the rendering fails as a
-        // whole, it does not drop the one bad server.
-        let good = if example.server_key == key {
-            example.server_key.replace("/1", "/2")
-        } else {
-            example.server_key.to_string()
-        };
-        let kvs = [(good, "10.0.0.2:80".to_string()), (key.to_string(), bad.to_string())];
+    for (example, key, value) in cases {
+        // A good instance beside: the rendering fails as a whole, it does
+        // not leave out the one bad server.
+        let good = example.server_key.replace("/1", "/2");
+        let kvs = [(good, "10.0.0.2:80".to_string()), (key.to_string(), value.to_string())];
         load(&mut c, &kvs).await;
         let dir = tempfile::tempdir().unwrap();
         let out = dry_run(&staged(example, dir.path()), &etcd);
         let stdout = String::from_utf8_lossy(&out.stdout);
         if out.status.code() != Some(1) || !stdout.is_empty() {
             accepted.push(format!(
-                "{} with {key} = {bad:?}: exit {:?}, stdout:\n{stdout}\nstderr:\n{}",
+                "{} with {key:?} = {value:?}: exit {:?}, stdout:\n{stdout}\nstderr:\n{}",
                 example.toml,
                 out.status.code(),
                 String::from_utf8_lossy(&out.stderr)
