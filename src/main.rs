@@ -210,7 +210,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         let switch = shutdown::maintenance_switch().map_err(signals)?;
         let hooks = Hooks::new(&cfg.ops, &d.endpoints[0], true, Some(switch), token.clone())
             .await
-            .map_err(|e| anyhow::Error::new(e).context("could not serve --status-addr"))?;
+            .map_err(|e| status_addr_error(e, &cfg.ops))?;
         etcd_sidekick::run::run(service, &settings, &build, registry, &hooks, token).await;
         Ok::<_, Failure>(())
     })??;
@@ -230,7 +230,7 @@ fn agent(args: AgentArgs) -> Result<ExitCode, Failure> {
         let reload = shutdown::on_reload().map_err(signals)?;
         let hooks = Hooks::new(&cfg.ops, &d.endpoints[0], false, Some(switch), token.clone())
             .await
-            .map_err(|e| anyhow::Error::new(e).context("could not serve --status-addr"))?;
+            .map_err(|e| status_addr_error(e, &cfg.ops))?;
         agent::run(&cfg, registry, &hooks, token, reload).await;
         Ok::<_, Failure>(())
     })??;
@@ -312,6 +312,22 @@ fn render(args: RenderArgs) -> Result<ExitCode, Failure> {
         Ok::<_, Failure>(())
     })??;
     Ok(ExitCode::Success)
+}
+
+/// A `--status-addr` that could not be bound, named with its address.
+fn status_addr_error(e: std::io::Error, ops: &config::Operability) -> anyhow::Error {
+    let addr = ops
+        .status_addr
+        .as_ref()
+        .map(|(h, p)| {
+            if h.contains(':') {
+                format!(" [{h}]:{p}")
+            } else {
+                format!(" {h}:{p}")
+            }
+        })
+        .unwrap_or_default();
+    anyhow::Error::new(e).context(format!("could not serve --status-addr{addr}"))
 }
 
 fn check(args: CheckArgs) -> Result<ExitCode, Failure> {
