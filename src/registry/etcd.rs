@@ -194,6 +194,7 @@ impl EtcdRegistry {
                 debug!(from = %endpoint, to = %self.endpoints[self.current], "switching etcd endpoint");
             }
         }
+        let cause = scheme_hint(&endpoint, cause, kind);
         RegistryError {
             op,
             endpoint,
@@ -250,6 +251,39 @@ impl EtcdRegistry {
                 ErrorKind::Unavailable,
             )),
         }
+    }
+}
+
+/// A transport failure that a scheme not matching the server explains
+/// (`https://` to a plain etcd, `http://` to a TLS one) says so.
+fn scheme_hint(endpoint: &str, cause: String, kind: ErrorKind) -> String {
+    if !matches!(kind, ErrorKind::Unavailable | ErrorKind::Other) {
+        return cause;
+    }
+    let lower = cause.to_lowercase();
+    let tls_to_plain = [
+        "handshake eof",
+        "connection reset by peer",
+        "corrupt message",
+        "invalidcontenttype",
+        "tls handshake",
+    ];
+    // A TLS server answers a plain HTTP/2 preface with an HTTP/1.0 400 and
+    // closes: the client sees one of these, depending on timing.
+    let plain_to_tls = [
+        "frame with invalid size",
+        "invalid http version",
+        "h2 protocol error",
+        "connection reset by peer",
+        "broken pipe",
+        "connection closed",
+    ];
+    if endpoint.starts_with("https://") && tls_to_plain.iter().any(|p| lower.contains(p)) {
+        format!("{cause}; the endpoint does not seem to speak TLS: for a plain-HTTP etcd use http://")
+    } else if endpoint.starts_with("http://") && plain_to_tls.iter().any(|p| lower.contains(p)) {
+        format!("{cause}; the endpoint may speak TLS: then use https:// (with --cacert as needed)")
+    } else {
+        cause
     }
 }
 
