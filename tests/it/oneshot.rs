@@ -274,7 +274,8 @@ fn an_unanswered_etcd_names_the_rule_that_chose_it() {
     let env_file = dir.path().join("etcd.environment");
     std::fs::write(&env_file, format!("ETCD_ENDPOINTS=http://{dead}\n")).unwrap();
     let env_file = env_file.display().to_string();
-    let cases: [(&[(&str, &str)], &[&str], String); 3] = [
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], String);
+    let cases: [Case; 3] = [
         (
             &[],
             &["--endpoints", &dead],
