@@ -895,7 +895,9 @@ async fn a_compacted_watch_is_followed_by_a_fresh_read() {
     // it fill, its watcher falls behind (a slow watcher), and compaction
     // passes it. Thawed, it is told its watch was compacted.
     let frozen = Frozen::freeze(sk.pid());
-    let value = "v".repeat(1024);
+    // 6 MB in 400 revisions: more than the HTTP/2 window of the watch
+    // stream (2 MB) and etcd's 128 responses buffered per watch stream.
+    let value = "v".repeat(4096);
     for t in 0..400 {
         let ops: Vec<TxnOp> = (0..4)
             .map(|k| TxnOp::put(format!("/c/bulk/{:03}", (4 * t + k) % 100), value.as_str(), None))
