@@ -49,6 +49,8 @@ pub enum Command {
     Wait(WaitCmdArgs),
     /// Print the worst-case reaction times that run's probe and timing flags give, with warnings.
     Explain(ExplainArgs),
+    /// Render templates from the keys under prefixes into files (HAProxy, nginx), check, install and reload, following etcd.
+    Render(RenderArgs),
 }
 
 /// `sidekick run`.
@@ -91,6 +93,53 @@ pub struct AgentArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub ops: OperabilityArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub etcd: EtcdArgs,
+}
+
+/// `sidekick render`.
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    /// The template (MiniJinja), unless --config.
+    pub src: Option<String>,
+    /// The file it is installed as, unless --config.
+    pub dest: Option<String>,
+    /// A TOML file, or a directory of *.toml, with [templates.NAME] tables (SIGHUP reloads it).
+    #[arg(long, value_name = "PATH", env = "SIDEKICK_RENDER_CONFIG")]
+    pub config: Option<String>,
+    /// A prefix whose keys the template sees (repeatable).
+    #[arg(long = "prefix", value_name = "P", help_heading = "Template")]
+    pub prefixes: Vec<String>,
+    /// Run on the staged file before it replaces DEST ({{src}} is its path); failing keeps DEST.
+    #[arg(long, value_name = "CMD", help_heading = "Template")]
+    pub check_cmd: Option<String>,
+    /// Run after DEST was replaced, e.g. `systemctl reload haproxy`.
+    #[arg(long, value_name = "CMD", help_heading = "Template")]
+    pub reload_cmd: Option<String>,
+    /// DEST's mode, octal [default: the installed file's, else 0644].
+    #[arg(long, value_name = "OCTAL", help_heading = "Template")]
+    pub mode: Option<String>,
+    /// After a change, render once none came for MIN, at the latest MAX (4×MIN) after the first.
+    #[arg(long, value_name = "MIN[:MAX]", help_heading = "Template")]
+    pub wait: Option<String>,
+    /// Render every template once and exit: 0 installed or unchanged, 1 on any failure.
+    #[arg(long)]
+    pub once: bool,
+    /// Print the renderings to stdout and install or run nothing (implies --once).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// After etcd lost its data, wait this long for the sidekicks to register again before rendering [default: 15s].
+    #[arg(long, value_name = "D", env = "SIDEKICK_SETTLE")]
+    pub settle: Option<String>,
+    /// Serve /healthz, /status (JSON) and /metrics (Prometheus) on HOST:PORT [default: off].
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        env = "SIDEKICK_STATUS_ADDR",
+        help_heading = "Operability"
+    )]
+    pub status_addr: Option<String>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub etcd: EtcdArgs,

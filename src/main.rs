@@ -7,7 +7,8 @@ use clap::error::ErrorKind;
 use clap::Parser;
 use etcd_sidekick::agent;
 use etcd_sidekick::cli::{
-    AgentArgs, AnnounceArgs, CheckArgs, Cli, Command, DiscoverArgs, ListArgs, LogFormat, RunArgs, WithdrawArgs,
+    AgentArgs, AnnounceArgs, CheckArgs, Cli, Command, DiscoverArgs, ListArgs, LogFormat, RenderArgs, RunArgs,
+    WithdrawArgs,
 };
 use etcd_sidekick::config::{self, EtcdSettings, UsageError};
 use etcd_sidekick::discover::SystemEnv;
@@ -77,7 +78,7 @@ fn clap_exit(e: clap::Error) -> ! {
         .join(" ");
     let line = match e.kind() {
         ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            "a command is required: run, agent, check, announce, withdraw, discover, list, wait or explain (see --help)"
+            "a command is required: run, agent, render, check, announce, withdraw, discover, list, wait or explain (see --help)"
         }
         _ => line.trim_start_matches("error: "),
     };
@@ -137,6 +138,7 @@ fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             print!("{}", etcd_sidekick::explain::command(&args)?);
             Ok(ExitCode::Success)
         }
+        Command::Render(args) => render(args),
         Command::Wait(args) => match wait::run(&args, &SystemEnv) {
             Ok(()) => Ok(ExitCode::Success),
             Err(wait::Error::Usage(e)) => Err(e.into()),
@@ -182,7 +184,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     block_on(async {
         let signals = |e| anyhow::Error::new(e).context("could not install signal handlers");
         // A closed terminal (SIGHUP) stops `run` like SIGTERM, withdrawing.
-        let token = shutdown::on_signals(true).map_err(signals)?;
+        let token = shutdown::on_signals(true, "withdrawing the keys").map_err(signals)?;
         let switch = shutdown::maintenance_switch().map_err(signals)?;
         let hooks = Hooks::new(&cfg.ops, &d.endpoints[0], true, Some(switch), token.clone())
             .await
@@ -201,13 +203,90 @@ fn agent(args: AgentArgs) -> Result<ExitCode, Failure> {
     let registry = EtcdRegistry::new(d.endpoints.clone(), options, cfg.call_bound());
     block_on(async {
         let signals = |e| anyhow::Error::new(e).context("could not install signal handlers");
-        let token = shutdown::on_signals(false).map_err(signals)?;
+        let token = shutdown::on_signals(false, "withdrawing the keys").map_err(signals)?;
         let switch = shutdown::maintenance_switch().map_err(signals)?;
         let reload = shutdown::on_reload().map_err(signals)?;
         let hooks = Hooks::new(&cfg.ops, &d.endpoints[0], false, Some(switch), token.clone())
             .await
             .map_err(|e| anyhow::Error::new(e).context("could not serve --status-addr"))?;
         agent::run(&cfg, registry, &hooks, token, reload).await;
+        Ok::<_, Failure>(())
+    })??;
+    Ok(ExitCode::Success)
+}
+
+fn render(args: RenderArgs) -> Result<ExitCode, Failure> {
+    use etcd_sidekick::render::{self, board::Board, Outside, Shared};
+    let plan = render::config::plan(&args)?;
+    let settings = config::etcd_settings(&args.etcd, &SystemEnv)?;
+    let settle = plan.settle;
+    let status_addr = args
+        .status_addr
+        .as_deref()
+        .map(|a| config::parse_host_port("--status-addr", a))
+        .transpose()?;
+    // Without a leader a member may answer from stale data; with this,
+    // reads and the watch fail over to a member that has one.
+    let options = connect_options(&settings)
+        .map_err(Failure::Usage)?
+        .with_require_leader(true);
+    let d = &settings.discovery;
+    let call_bound = settings.dial_timeout;
+    if args.once || args.dry_run {
+        let mut reg = EtcdRegistry::one_shot(d.endpoints.clone(), options, call_bound);
+        let ok = runtime()?.block_on(render::once(&plan.specs, &mut reg, call_bound, args.dry_run));
+        return Ok(if ok { ExitCode::Success } else { ExitCode::Failure });
+    }
+    info!(
+        endpoints = %d.endpoints.join(","),
+        rule = %d.rule,
+        templates = plan.specs.len(),
+        "render"
+    );
+    block_on(async {
+        let signals = |e| anyhow::Error::new(e).context("could not install signal handlers");
+        let token = shutdown::on_signals(false, "the installed files stay").map_err(signals)?;
+        let reload = shutdown::on_reload().map_err(signals)?;
+        let board = match &status_addr {
+            None => None,
+            Some(addr) => {
+                let board = std::sync::Arc::new(Board::default());
+                etcd_sidekick::status::bind_and_serve(
+                    addr,
+                    etcd_sidekick::status::View::Other(board.clone()),
+                    token.clone(),
+                )
+                .await
+                .map_err(|e| {
+                    anyhow::Error::new(e).context(format!("could not serve --status-addr {}:{}", addr.0, addr.1))
+                })?;
+                Some(board)
+            }
+        };
+        let notifier = etcd_sidekick::notify::Systemd::from_env();
+        let hooks = Hooks {
+            watchdog: notifier
+                .as_ref()
+                .and_then(|_| etcd_sidekick::notify::Systemd::watchdog_period()),
+            notifier: notifier.map(|n| std::sync::Arc::new(n) as std::sync::Arc<dyn etcd_sidekick::notify::Notifier>),
+            ..Hooks::default()
+        };
+        let outside = Outside {
+            config: plan.config.clone(),
+            board,
+            hooks,
+            reload,
+        };
+        let shared = std::sync::Arc::new(Shared {
+            reloading: tokio::sync::Mutex::new(()),
+            settle,
+            call_bound,
+        });
+        let endpoints = d.endpoints.clone();
+        let make = || EtcdRegistry::new(endpoints.clone(), options.clone(), call_bound);
+        tokio::task::LocalSet::new()
+            .run_until(render::run(plan.specs, make, shared, outside, token))
+            .await;
         Ok::<_, Failure>(())
     })??;
     Ok(ExitCode::Success)

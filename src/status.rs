@@ -356,12 +356,25 @@ pub enum View {
     One(Boards),
     /// `agent`: `/status` is `{"services": [...]}`.
     Many(Boards),
+    /// Anything else that shows itself (`render`'s templates).
+    Other(Arc<dyn Shows>),
+}
+
+/// What a command other than `run` and `agent` serves.
+pub trait Shows: Send + Sync + std::fmt::Debug {
+    /// `/status`'s JSON.
+    fn status(&self) -> String;
+    /// `/metrics`' text.
+    fn metrics(&self) -> String;
+    /// Whether `/healthz` answers 200.
+    fn healthy(&self) -> bool;
 }
 
 impl View {
     fn boards(&self) -> Vec<Arc<Board>> {
         match self {
             View::One(list) | View::Many(list) => list.lock().expect("boards lock").clone(),
+            View::Other(_) => Vec::new(),
         }
     }
 
@@ -373,20 +386,27 @@ impl View {
                 let services: Vec<serde_json::Value> = boards.iter().map(|b| b.json_value()).collect();
                 serde_json::json!({ "services": services }).to_string()
             }
+            View::Other(o) => o.status(),
         }
     }
 
     fn metrics(&self) -> String {
+        if let View::Other(o) = self {
+            return o.metrics();
+        }
         let boards = self.boards();
         metrics(&boards.iter().map(|b| b.as_ref()).collect::<Vec<_>>())
     }
 
     fn healthy(&self) -> bool {
+        if let View::Other(o) = self {
+            return o.healthy();
+        }
         self.boards().iter().all(|b| b.healthy())
     }
 }
 
-fn escape_label(v: &str) -> String {
+pub(crate) fn escape_label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
