@@ -18,14 +18,21 @@ use super::{
 };
 use crate::config::EtcdSettings;
 
+/// The shortest time between HTTP/2 pings: twice etcd's default
+/// `--grpc-keepalive-min-time`.
+const KEEPALIVE_AT_LEAST: Duration = Duration::from_secs(10);
+
 /// Builds the connection options, reading the TLS files now so that a
 /// missing or unreadable file is a usage error before anything is written.
 pub fn connect_options(settings: &EtcdSettings) -> Result<ConnectOptions, String> {
     let dial = settings.dial_timeout;
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(dial)
-        // HTTP/2 pings find a frozen or vanished etcd on an idle connection.
-        .with_keep_alive(dial.max(Duration::from_secs(1)), dial)
+        // HTTP/2 pings find a frozen or vanished etcd on an idle connection
+        // (a watch that hears nothing). etcd answers pings sent more often
+        // than its --grpc-keepalive-min-time (5 s by default) with a GOAWAY
+        // that breaks the watch: never closer than twice that.
+        .with_keep_alive(dial.max(KEEPALIVE_AT_LEAST), dial)
         .with_keep_alive_while_idle(true);
     if let Some((user, pass)) = &settings.auth {
         // etcd's simple tokens expire (--auth-token-ttl, 5 minutes by

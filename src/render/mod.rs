@@ -202,6 +202,9 @@ pub async fn follow<E: Etcd>(
                         "etcd's revision went back (it lost its data): waiting --settle before rendering, so the instances can register again"
                     );
                     st.settle_until = Some(Instant::now() + shared.settle);
+                    // The new store's history starts here: a later read
+                    // (a restart) is measured against it, not the old one.
+                    st.seen = revision;
                 }
                 st.seen = st.seen.max(revision);
                 st.keys = Arc::new(
