@@ -16,6 +16,7 @@ mod netns;
 mod oneshot;
 mod operability;
 mod probe_http;
+mod proxies;
 mod recipes;
 mod repo;
 mod rollout;
