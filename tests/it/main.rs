@@ -13,6 +13,7 @@ mod haproxy;
 mod harness;
 mod model;
 mod netns;
+mod nginx;
 mod oneshot;
 mod operability;
 mod probe_http;
