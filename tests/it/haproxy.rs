@@ -1,9 +1,9 @@
 //! End to end with a real HAProxy: sidekicks keep backends in etcd, a
 //! long-lived `sidekick render` turns the keys into an HAProxy
 //! configuration (checked with `haproxy -c`), and HAProxy (master-worker
-//! mode, reloaded by render's reload command, SIGUSR2 to its master, as
-//! `systemctl reload` would) sends traffic only to the backends whose keys
-//! exist.
+//! mode, reloaded by render's reload command, SIGUSR2 to its master as
+//! `systemctl reload` sends it) sends traffic only to the backends whose
+//! keys exist.
 //!
 //! Which backend answered a proxied request is told two ways: an unhealthy
 //! backend answers 503 to every request, so a 200 through HAProxy cannot
@@ -15,7 +15,6 @@
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -75,17 +74,41 @@ backend web
 {% else %}    # no keys under @PREFIX@: every request gets 503
 {% endfor %}"#;
 
+/// render's reload command for HAProxy: SIGUSR2 to the master, then wait
+/// until the master answers on its CLI with a new worker. HAProxy 2.6's
+/// master loses a SIGUSR2 that comes while it still starts up again after
+/// the last one (a few of a thousand reloads back to back), so a command
+/// that returned at once could have its reload lost to the next.
+const RELOAD: &str = r#"#!/usr/bin/env bash
+set -euo pipefail
+# The master's current worker, from `show proc` on its CLI (`quit`: the
+# CLI closes once it has answered); none while it does not answer.
+current() {
+  { exec 3<>/dev/tcp/127.0.0.1/@CLI@ && printf 'show proc; quit\n' >&3 && timeout @IO@ cat <&3; } 2>/dev/null |
+    awk '$2 == "worker" { print $1; exit }'
+}
+before=$(current || true)
+kill -USR2 @PID@
+for ((i = 0; i < @TRIES@; i++)); do
+  now=$(current || true)
+  [ -n "$now" ] && [ "$now" != "$before" ] && exit 0
+  sleep @POLL@
+done
+echo "haproxy did not start a new worker within @LIMIT@ s" >&2
+exit 1
+"#;
+
 /// An HAProxy master process we started, with its workers; stopped on drop.
 pub(crate) struct Haproxy {
     child: Option<Child>,
-    master: PathBuf,
+    /// The port of its master CLI.
+    cli: u16,
     log: PathBuf,
     pub(crate) port: u16,
 }
 
 impl Proxy for Haproxy {
     const CONFIG: &'static str = "haproxy.cfg";
-    const RELOAD: &'static str = "USR2";
     const READY: Duration = HAPROXY;
 
     fn template(prefix: &str, port: u16, _dir: &Path) -> String {
@@ -99,15 +122,29 @@ impl Proxy for Haproxy {
         format!("{} -c -f {{{{src}}}}", haproxy_bin().display())
     }
 
-    /// `haproxy -W -S DIR/master.sock -f CFG`, in the foreground; waits
-    /// until a worker serves the frontend.
+    fn reload_cmd(&self, dir: &Path) -> String {
+        let script = dir.join("reload-haproxy");
+        let text = RELOAD
+            .replace("@CLI@", &self.cli.to_string())
+            .replace("@IO@", &IO.as_secs().to_string())
+            .replace("@PID@", &self.pid().to_string())
+            .replace("@TRIES@", &(HAPROXY.as_millis() / POLL.as_millis()).to_string())
+            .replace("@POLL@", &POLL.as_secs_f64().to_string())
+            .replace("@LIMIT@", &HAPROXY.as_secs().to_string());
+        std::fs::write(&script, text).unwrap();
+        format!("bash {}", script.display())
+    }
+
+    /// `haproxy -W -S ipv4@127.0.0.1:CLI -f CFG`, in the foreground; waits
+    /// until a worker serves the frontend. The master CLI listens on TCP
+    /// for the reload command, a shell script.
     async fn spawn(cfg: &Path, dir: &Path, port: u16) -> Result<Haproxy, String> {
-        let master = dir.join("master.sock");
+        let cli = free_port();
         let log = dir.join("haproxy.log");
         let child = Command::new(haproxy_bin())
             .arg("-W")
             .arg("-S")
-            .arg(&master)
+            .arg(format!("ipv4@127.0.0.1:{cli}"))
             .arg("-f")
             .arg(cfg)
             .stdin(Stdio::null())
@@ -117,7 +154,7 @@ impl Proxy for Haproxy {
             .expect("haproxy starts");
         let mut h = Haproxy {
             child: Some(child),
-            master,
+            cli,
             log,
             port,
         };
@@ -165,7 +202,7 @@ impl Haproxy {
     /// One command on the master CLI; `None` while the master does not
     /// answer (it re-executes itself on reload).
     pub(crate) fn cli(&self, command: &str) -> Option<String> {
-        master_cli(&self.master, command)
+        master_cli(self.cli, command)
     }
 
     /// PIDs of the workers, current and old, from `show proc`.
@@ -226,10 +263,10 @@ impl Haproxy {
     }
 }
 
-/// One command on the master CLI at `master`; `None` while the master does
-/// not answer (it re-executes itself on reload).
-fn master_cli(master: &Path, command: &str) -> Option<String> {
-    let mut s = UnixStream::connect(master).ok()?;
+/// One command on the master CLI on port `cli`; `None` while the master
+/// does not answer (it re-executes itself on reload).
+fn master_cli(cli: u16, command: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", cli)).ok()?;
     s.set_read_timeout(Some(IO)).ok()?;
     s.set_write_timeout(Some(IO)).ok()?;
     s.write_all(format!("{command}\n").as_bytes()).ok()?;

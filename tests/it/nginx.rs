@@ -83,7 +83,6 @@ struct Nginx {
 
 impl Proxy for Nginx {
     const CONFIG: &'static str = "nginx.conf";
-    const RELOAD: &'static str = "HUP";
     const READY: Duration = NGINX;
 
     fn template(prefix: &str, port: u16, dir: &Path) -> String {
@@ -96,6 +95,13 @@ impl Proxy for Nginx {
 
     fn check_cmd(dir: &Path) -> String {
         format!("{} -t -p {} -c {{{{src}}}}", nginx_bin().display(), dir.display())
+    }
+
+    /// SIGHUP to the master. One that comes while the master still carries
+    /// out the last is not lost: nginx blocks signals meanwhile and takes
+    /// it after.
+    fn reload_cmd(&self, _dir: &Path) -> String {
+        format!("kill -HUP {}", self.pid())
     }
 
     /// `nginx -p DIR -c CFG -g 'daemon off;'`; waits until its worker

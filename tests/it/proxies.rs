@@ -49,8 +49,6 @@ pub(crate) trait Proxy: Sized {
     /// The configuration file's name, also the template's name in
     /// `sidekick render`'s status and metrics.
     const CONFIG: &'static str;
-    /// The signal to the master that makes it reload its configuration.
-    const RELOAD: &'static str;
     /// Started until a worker serves, or signalled until only workers on
     /// the new configuration remain.
     const READY: Duration;
@@ -61,6 +59,10 @@ pub(crate) trait Proxy: Sized {
 
     /// `check_cmd`, `{{src}}` standing for the staged file.
     fn check_cmd(dir: &Path) -> String;
+
+    /// `reload_cmd`: a signal to the master, and what it takes for the
+    /// next one not to be lost (files it needs go in `dir`).
+    fn reload_cmd(&self, dir: &Path) -> String;
 
     /// Starts the proxy on `cfg`, its frontend on `port`, and waits until
     /// a worker serves. `Err` with its log when the port was taken; any
@@ -98,7 +100,7 @@ pub(crate) fn children(pid: u32) -> BTreeSet<u32> {
 /// A proxy and the `sidekick render` that keeps its configuration, with
 /// their files in a temp dir; both are stopped on drop.
 pub(crate) struct Rendered<P: Proxy> {
-    /// `sidekick render SRC DEST --prefix P ... --reload-cmd "kill -SIG PID"`.
+    /// `sidekick render SRC DEST --prefix P ... --reload-cmd CMD`.
     pub(crate) render: Running,
     pub(crate) proxy: P,
     /// The configuration file (DEST).
@@ -157,7 +159,7 @@ impl<P: Proxy> Rendered<P> {
         }
         let proxy = proxy.unwrap_or_else(|| panic!("{} found its port taken {PORT_RETRIES} times", P::CONFIG));
         let status = free_port();
-        let reload = format!("kill -{} {}", P::RELOAD, proxy.pid());
+        let reload = proxy.reload_cmd(dir.path());
         let status_addr = format!("127.0.0.1:{status}");
         let mut args: Vec<&str> = vec![
             "render",
