@@ -49,6 +49,8 @@ pub enum Command {
     Wait(WaitCmdArgs),
     /// Print the worst-case reaction times that run's probe and timing flags give, with warnings.
     Explain(ExplainArgs),
+    /// Render templates from the keys under prefixes into files (HAProxy, nginx), check, install and reload, following etcd.
+    Render(RenderArgs),
 }
 
 /// `sidekick run`.
@@ -59,11 +61,11 @@ pub struct RunArgs {
     /// Its value, e.g. 10.0.0.5:8080.
     pub value: String,
     /// Another KEY=VALUE to keep under the same lease (repeatable).
-    #[arg(long = "extra", value_name = "KEY=VALUE")]
+    #[arg(long = "extra", value_name = "KEY=VALUE", help_heading = "More keys")]
     pub extra: Vec<String>,
     /// A service-level KEY=VALUE that every instance declares (repeatable):
-    /// put only when absent, never overwritten, put again when deleted.
-    #[arg(long = "shared", value_name = "KEY=VALUE")]
+    /// held jointly, put when absent, never overwritten.
+    #[arg(long = "shared", value_name = "KEY=VALUE", help_heading = "More keys")]
     pub shared: Vec<String>,
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -91,6 +93,53 @@ pub struct AgentArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub ops: OperabilityArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub etcd: EtcdArgs,
+}
+
+/// `sidekick render`.
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    /// The template (MiniJinja), unless --config.
+    pub src: Option<String>,
+    /// The file it is installed as, unless --config.
+    pub dest: Option<String>,
+    /// A TOML file, or a directory of *.toml, with [templates.NAME] tables (SIGHUP reloads it).
+    #[arg(long, value_name = "PATH", env = "SIDEKICK_RENDER_CONFIG")]
+    pub config: Option<String>,
+    /// A prefix whose keys the template sees (repeatable).
+    #[arg(long = "prefix", value_name = "P", help_heading = "Template")]
+    pub prefixes: Vec<String>,
+    /// Run on the staged file before it replaces DEST ({{src}} is its path); failing keeps DEST.
+    #[arg(long, value_name = "CMD", help_heading = "Template")]
+    pub check_cmd: Option<String>,
+    /// Run after DEST was replaced, e.g. `systemctl reload haproxy`.
+    #[arg(long, value_name = "CMD", help_heading = "Template")]
+    pub reload_cmd: Option<String>,
+    /// DEST's mode, octal [default: the installed file's, else 0644].
+    #[arg(long, value_name = "OCTAL", help_heading = "Template")]
+    pub mode: Option<String>,
+    /// After a change, render once none came for MIN, at the latest MAX (4×MIN) after the first.
+    #[arg(long, value_name = "MIN[:MAX]", help_heading = "Template")]
+    pub wait: Option<String>,
+    /// Render every template once and exit: 0 installed or unchanged, 1 on any failure.
+    #[arg(long)]
+    pub once: bool,
+    /// Print the renderings to stdout and install or run nothing (implies --once).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// After etcd lost its data, wait this long for the sidekicks to register again before rendering [default: 15s].
+    #[arg(long, value_name = "D", env = "SIDEKICK_SETTLE")]
+    pub settle: Option<String>,
+    /// Serve /healthz, /status (JSON) and /metrics (Prometheus) on HOST:PORT [default: off].
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        env = "SIDEKICK_STATUS_ADDR",
+        help_heading = "Operability"
+    )]
+    pub status_addr: Option<String>,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub etcd: EtcdArgs,
@@ -124,7 +173,7 @@ pub struct AnnounceArgs {
     /// Its value, e.g. 10.0.0.5:8080.
     pub value: String,
     /// Another KEY=VALUE to put with it (repeatable).
-    #[arg(long = "extra", value_name = "KEY=VALUE")]
+    #[arg(long = "extra", value_name = "KEY=VALUE", help_heading = "More keys")]
     pub extra: Vec<String>,
     /// Put the keys under a lease of this TTL and print the lease id; without it the keys are permanent.
     #[arg(long, value_name = "D")]
@@ -218,7 +267,7 @@ pub struct DiscoverArgs {
 }
 
 /// How the instance is probed by `run` and `check`.
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args, Default, Clone)]
 #[command(next_help_heading = "Probe")]
 pub struct ProbeArgs {
     /// Probe with an HTTP(S) request to URL.
@@ -265,7 +314,7 @@ pub struct WaitArgs {
 }
 
 /// Options shared by every probe.
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args, Default, Clone)]
 #[command(next_help_heading = "Probe")]
 pub struct ProbeOptions {
     /// Healthy status codes: a comma list of codes and ranges [default: 200-399].
@@ -316,7 +365,7 @@ pub struct TimingArgs {
 #[derive(Debug, Args, Default)]
 #[command(next_help_heading = "etcd")]
 pub struct EtcdArgs {
-    /// etcd client URLs, comma-separated (else SIDEKICK_ENDPOINTS, ETCDCTL_ENDPOINTS, the env file, the default gateway, 127.0.0.1).
+    /// etcd client URLs, comma-separated; else the variables, the env file, the default gateway, 127.0.0.1 [env: SIDEKICK_ENDPOINTS, ETCDCTL_ENDPOINTS]
     #[arg(long, value_name = "URL[,URL]")]
     pub endpoints: Option<String>,
     /// File read for ETCD_ENDPOINT/ETCD_ENDPOINTS/ETCDCTL_ENDPOINTS [default: /etc/etcd.environment].

@@ -45,6 +45,7 @@ pub mod parse;
 mod parse_props;
 pub mod probe;
 pub mod registry;
+pub mod render;
 pub mod run;
 pub mod shutdown;
 pub mod status;

@@ -7,7 +7,8 @@ use clap::error::ErrorKind;
 use clap::Parser;
 use etcd_sidekick::agent;
 use etcd_sidekick::cli::{
-    AgentArgs, AnnounceArgs, CheckArgs, Cli, Command, DiscoverArgs, ListArgs, LogFormat, RunArgs, WithdrawArgs,
+    AgentArgs, AnnounceArgs, CheckArgs, Cli, Command, DiscoverArgs, ListArgs, LogFormat, RenderArgs, RunArgs,
+    WithdrawArgs,
 };
 use etcd_sidekick::config::{self, EtcdSettings, UsageError};
 use etcd_sidekick::discover::SystemEnv;
@@ -61,28 +62,44 @@ fn main() {
 }
 
 /// Help and version print as clap does; every other parse error becomes one
-/// line naming the flag, and exit 2.
+/// line naming the flag (with clap's "a similar argument exists" tip when it
+/// has one), and exit 2. A missing argument adds clap's usage line.
 fn clap_exit(e: clap::Error) -> ! {
     if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         e.exit();
     }
-    // The first paragraph of clap's message, folded onto one line.
+    eprintln!("sidekick: {}", clap_message(&e));
+    process::exit(ExitCode::Usage.code());
+}
+
+/// clap's message as this command prints it (see [`clap_exit`]).
+fn clap_message(e: &clap::Error) -> String {
     let text = e.render().to_string();
-    let line = text
-        .lines()
-        .map(str::trim)
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    // The first paragraph of clap's message, folded onto one line.
+    let first = lines
+        .iter()
         .skip_while(|l| l.is_empty())
         .take_while(|l| !l.is_empty())
+        .copied()
         .collect::<Vec<_>>()
         .join(" ");
-    let line = match e.kind() {
+    let mut line = match e.kind() {
         ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            "a command is required: run, agent, check, announce, withdraw, discover, list, wait or explain (see --help)"
+            return "a command is required: run, agent, render, check, announce, withdraw, discover, list, wait or explain (see --help)".into();
         }
-        _ => line.trim_start_matches("error: "),
+        _ => first.trim_start_matches("error: ").to_string(),
     };
-    eprintln!("sidekick: {line}");
-    process::exit(ExitCode::Usage.code());
+    for tip in lines.iter().filter(|l| l.starts_with("tip:")) {
+        line.push_str(&format!("; {}", tip.trim_start_matches("tip:").trim()));
+    }
+    if e.kind() == ErrorKind::MissingRequiredArgument {
+        if let Some(usage) = lines.iter().find(|l| l.starts_with("Usage:")) {
+            line.push('\n');
+            line.push_str(usage);
+        }
+    }
+    line
 }
 
 fn init_logging(format: LogFormat) {
@@ -137,6 +154,7 @@ fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             print!("{}", etcd_sidekick::explain::command(&args)?);
             Ok(ExitCode::Success)
         }
+        Command::Render(args) => render(args),
         Command::Wait(args) => match wait::run(&args, &SystemEnv) {
             Ok(()) => Ok(ExitCode::Success),
             Err(wait::Error::Usage(e)) => Err(e.into()),
@@ -166,15 +184,21 @@ fn run(args: RunArgs) -> Result<ExitCode, Failure> {
             rule = %d.rule,
             "no probe given: announcing unconditionally while running"
         ),
-        Some(_) => info!(
-            endpoints = %endpoints,
-            rule = %d.rule,
-            "probing {}",
-            [&args.probe.http, &args.probe.tcp, &args.probe.exec, &args.probe.grpc]
-                .into_iter()
-                .find_map(|f| f.as_deref())
-                .unwrap_or_default()
-        ),
+        Some(_) => {
+            // An --exec command may carry a secret: its first word only,
+            // the whole of it at debug.
+            let target = match &args.probe.exec {
+                Some(cmd) => {
+                    tracing::debug!(command = %cmd, "the exec probe's command");
+                    format!("with --exec {} ...", cmd.split_whitespace().next().unwrap_or_default())
+                }
+                None => [&args.probe.http, &args.probe.tcp, &args.probe.grpc]
+                    .into_iter()
+                    .find_map(|f| f.clone())
+                    .unwrap_or_default(),
+            };
+            info!(endpoints = %endpoints, rule = %d.rule, "probing {target}")
+        }
     }
     let service = etcd_sidekick::run::service(&cfg);
     let settings = etcd_sidekick::run::settings(&cfg);
@@ -182,7 +206,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     block_on(async {
         let signals = |e| anyhow::Error::new(e).context("could not install signal handlers");
         // A closed terminal (SIGHUP) stops `run` like SIGTERM, withdrawing.
-        let token = shutdown::on_signals(true).map_err(signals)?;
+        let token = shutdown::on_signals(true, "withdrawing the keys").map_err(signals)?;
         let switch = shutdown::maintenance_switch().map_err(signals)?;
         let hooks = Hooks::new(&cfg.ops, &d.endpoints[0], true, Some(switch), token.clone())
             .await
@@ -201,13 +225,90 @@ fn agent(args: AgentArgs) -> Result<ExitCode, Failure> {
     let registry = EtcdRegistry::new(d.endpoints.clone(), options, cfg.call_bound());
     block_on(async {
         let signals = |e| anyhow::Error::new(e).context("could not install signal handlers");
-        let token = shutdown::on_signals(false).map_err(signals)?;
+        let token = shutdown::on_signals(false, "withdrawing the keys").map_err(signals)?;
         let switch = shutdown::maintenance_switch().map_err(signals)?;
         let reload = shutdown::on_reload().map_err(signals)?;
         let hooks = Hooks::new(&cfg.ops, &d.endpoints[0], false, Some(switch), token.clone())
             .await
             .map_err(|e| anyhow::Error::new(e).context("could not serve --status-addr"))?;
         agent::run(&cfg, registry, &hooks, token, reload).await;
+        Ok::<_, Failure>(())
+    })??;
+    Ok(ExitCode::Success)
+}
+
+fn render(args: RenderArgs) -> Result<ExitCode, Failure> {
+    use etcd_sidekick::render::{self, board::Board, Outside, Shared};
+    let plan = render::config::plan(&args)?;
+    let settings = config::etcd_settings(&args.etcd, &SystemEnv)?;
+    let settle = plan.settle;
+    let status_addr = args
+        .status_addr
+        .as_deref()
+        .map(|a| config::parse_host_port("--status-addr", a))
+        .transpose()?;
+    // Without a leader a member may answer from stale data; with this,
+    // reads and the watch fail over to a member that has one.
+    let options = connect_options(&settings)
+        .map_err(Failure::Usage)?
+        .with_require_leader(true);
+    let d = &settings.discovery;
+    let call_bound = settings.dial_timeout;
+    if args.once || args.dry_run {
+        let mut reg = EtcdRegistry::one_shot(d.endpoints.clone(), options, call_bound);
+        let ok = runtime()?.block_on(render::once(&plan.specs, &mut reg, call_bound, args.dry_run));
+        return Ok(if ok { ExitCode::Success } else { ExitCode::Failure });
+    }
+    info!(
+        endpoints = %d.endpoints.join(","),
+        rule = %d.rule,
+        templates = plan.specs.len(),
+        "render"
+    );
+    block_on(async {
+        let signals = |e| anyhow::Error::new(e).context("could not install signal handlers");
+        let token = shutdown::on_signals(false, "the installed files stay").map_err(signals)?;
+        let reload = shutdown::on_reload().map_err(signals)?;
+        let board = match &status_addr {
+            None => None,
+            Some(addr) => {
+                let board = std::sync::Arc::new(Board::default());
+                etcd_sidekick::status::bind_and_serve(
+                    addr,
+                    etcd_sidekick::status::View::Other(board.clone()),
+                    token.clone(),
+                )
+                .await
+                .map_err(|e| {
+                    anyhow::Error::new(e).context(format!("could not serve --status-addr {}:{}", addr.0, addr.1))
+                })?;
+                Some(board)
+            }
+        };
+        let notifier = etcd_sidekick::notify::Systemd::from_env();
+        let hooks = Hooks {
+            watchdog: notifier
+                .as_ref()
+                .and_then(|_| etcd_sidekick::notify::Systemd::watchdog_period()),
+            notifier: notifier.map(|n| std::sync::Arc::new(n) as std::sync::Arc<dyn etcd_sidekick::notify::Notifier>),
+            ..Hooks::default()
+        };
+        let outside = Outside {
+            config: plan.config.clone(),
+            board,
+            hooks,
+            reload,
+        };
+        let shared = std::sync::Arc::new(Shared {
+            reloading: tokio::sync::Mutex::new(()),
+            settle,
+            call_bound,
+        });
+        let endpoints = d.endpoints.clone();
+        let make = || EtcdRegistry::new(endpoints.clone(), options.clone(), call_bound);
+        tokio::task::LocalSet::new()
+            .run_until(render::run(plan.specs, make, shared, outside, token))
+            .await;
         Ok::<_, Failure>(())
     })??;
     Ok(ExitCode::Success)

@@ -10,8 +10,9 @@ use crate::exit::ExitCode;
 
 /// Installs the handlers and returns the token they cancel; with `hangup`
 /// SIGHUP stops too (`run`: a closed terminal), else it is left to the
-/// agent's reload. Must be called inside a tokio runtime.
-pub fn on_signals(hangup: bool) -> std::io::Result<CancellationToken> {
+/// agent's reload. `stopping` is what the log line says is done next.
+/// Must be called inside a tokio runtime.
+pub fn on_signals(hangup: bool, stopping: &'static str) -> std::io::Result<CancellationToken> {
     let token = CancellationToken::new();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -30,7 +31,7 @@ pub fn on_signals(hangup: bool) -> std::io::Result<CancellationToken> {
             }
         };
         let name = next().await;
-        info!(signal = name, "stopping: withdrawing the keys");
+        info!(signal = name, "stopping: {stopping}");
         cancel.cancel();
         let name = next().await;
         warn!(signal = name, "second signal: exiting at once");

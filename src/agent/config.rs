@@ -53,7 +53,7 @@ struct RawFile {
     services: BTreeMap<String, toml::Table>,
 }
 
-fn one_line(e: impl std::fmt::Display) -> String {
+pub(crate) fn one_line(e: impl std::fmt::Display) -> String {
     e.to_string()
         .lines()
         .map(str::trim)
@@ -96,7 +96,7 @@ fn field_names(msg: &str) -> String {
 }
 
 /// The `*.toml` files of `path` (itself when it is a file), in name order.
-fn files(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+pub(crate) fn files(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     let meta = std::fs::metadata(path).map_err(|e| error(path, None, format!("cannot read it: {e}")))?;
     if !meta.is_dir() {
         return Ok(vec![path.to_path_buf()]);
@@ -194,7 +194,7 @@ fn service(file: &Path, name: String, r: RawService, ttl: Duration) -> Result<Se
         grace: r.grace.clone(),
         drain: None,
     };
-    let timing = config::timing(&timing_args, probe.as_ref()).map_err(|e| {
+    let timing = config::timing(&timing_args, probe.as_ref(), &r.timeout).map_err(|e| {
         // The TTL is the agent's `--ttl`, not a field of the service.
         fail(e.0.replacen("--ttl", "the agent's --ttl", 1).replace("--", ""))
     })?;

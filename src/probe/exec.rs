@@ -50,7 +50,6 @@ pub struct ExecProbe {
 impl ExecProbe {
     /// A probe running `command` with `/bin/sh -c`.
     pub fn new(command: &str, timeout: Duration) -> Self {
-        become_subreaper();
         ExecProbe {
             command: command.to_string(),
             timeout,
@@ -60,56 +59,13 @@ impl ExecProbe {
     /// Runs the command once and judges its exit; bounds its own time, and
     /// leaves no process of the group behind.
     pub(super) async fn check(&self) -> Result<String, String> {
-        let deadline = Instant::now() + self.timeout;
-        let mut child = Command::new("/bin/sh")
-            .arg("-c")
-            .arg(&self.command)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("could not start /bin/sh: {e}"))?;
-        // Declared after `child`, so dropped before it: a probe cancelled
-        // mid-way (shutdown) still kills the whole group.
-        let mut group = Group::of(child.id());
-        let (pipe_out, pipe_err) = (child.stdout.take(), child.stderr.take());
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        let status = {
-            let reading = async { tokio::join!(keep_head(pipe_out, &mut out), keep_head(pipe_err, &mut err)) };
-            tokio::pin!(reading);
-            let mut pipes_closed = false;
-            let status = loop {
-                tokio::select! {
-                    s = child.wait() => break Some(s),
-                    _ = sleep_until(deadline) => break None,
-                    _ = &mut reading, if !pipes_closed => pipes_closed = true,
-                }
-            };
-            // Timed out: the whole group goes, then the shell is reaped.
-            // Exited: whatever it left in the group goes, which also closes
-            // the pipes those leftovers held.
-            group.kill();
-            let status = match status {
-                Some(s) => Some(s),
-                None => {
-                    let _ = timeout(REAP_LIMIT, child.wait()).await;
-                    None
-                }
-            };
-            if !pipes_closed {
-                let _ = timeout(READ_GRACE, &mut reading).await;
-            }
-            status
-        };
-        group.reap().await;
-        let line = first_line(&out).or_else(|| first_line(&err));
+        let ran = run(&self.command, self.timeout, true).await?;
+        let line = first_line(&ran.stdout).or_else(|| first_line(&ran.stderr));
         let with_line = |what: String| match &line {
             Some(l) => format!("{what}: {l}"),
             None => what,
         };
-        match status {
+        match ran.status {
             None => Err(with_line(format!(
                 "timed out after {}",
                 humantime::format_duration(self.timeout)
@@ -119,6 +75,111 @@ impl ExecProbe {
             Some(Ok(s)) => Err(with_line(describe(s))),
         }
     }
+}
+
+/// What a shell command did.
+pub(crate) struct Ran {
+    /// Its exit; `None` when it timed out (and was killed).
+    pub status: Option<io::Result<ExitStatus>>,
+    /// The first [`KEEP`] bytes of its stdout.
+    pub stdout: Vec<u8>,
+    /// The first [`KEEP`] bytes of its stderr.
+    pub stderr: Vec<u8>,
+}
+
+impl Ran {
+    /// Whether it exited 0.
+    pub fn success(&self) -> bool {
+        matches!(&self.status, Some(Ok(s)) if s.success())
+    }
+
+    /// `exit N`, `killed by signal N` or `timed out after D`, then its
+    /// output (stdout, then stderr) on the same line, lines joined by ` | `.
+    pub fn summary(&self, limit: Duration) -> String {
+        let what = match &self.status {
+            None => format!("timed out after {}", humantime::format_duration(limit)),
+            Some(Err(e)) => format!("could not wait for /bin/sh: {e}"),
+            Some(Ok(s)) => describe(*s),
+        };
+        let mut lines = Vec::new();
+        for bytes in [&self.stdout, &self.stderr] {
+            let text = String::from_utf8_lossy(bytes);
+            lines.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(|l| l.chars().flat_map(char::escape_default).collect::<String>()),
+            );
+        }
+        if lines.is_empty() {
+            what
+        } else {
+            format!("{what}: {}", lines.join(" | "))
+        }
+    }
+}
+
+/// Runs `/bin/sh -c command` in a process group of its own, killing the
+/// group at `limit`. With `kill_leftovers`, whatever the shell left in its
+/// group is killed when it exits too (a probe); without, it stays (a
+/// reload command may start a proxy in the background).
+pub(crate) async fn run(command: &str, limit: Duration, kill_leftovers: bool) -> Result<Ran, String> {
+    become_subreaper();
+    let deadline = Instant::now() + limit;
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("could not start /bin/sh: {e}"))?;
+    // Declared after `child`, so dropped before it: a command cancelled
+    // mid-way (shutdown) still kills the whole group.
+    let mut group = Group::of(child.id());
+    let (pipe_out, pipe_err) = (child.stdout.take(), child.stderr.take());
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let status = {
+        let reading = async { tokio::join!(keep_head(pipe_out, &mut out), keep_head(pipe_err, &mut err)) };
+        tokio::pin!(reading);
+        let mut pipes_closed = false;
+        let status = loop {
+            tokio::select! {
+                s = child.wait() => break Some(s),
+                _ = sleep_until(deadline) => break None,
+                _ = &mut reading, if !pipes_closed => pipes_closed = true,
+            }
+        };
+        // Timed out: the whole group goes, then the shell is reaped.
+        // Exited: whatever it left in the group goes (a probe's leftovers),
+        // which also closes the pipes those leftovers held.
+        if status.is_none() || kill_leftovers {
+            group.kill();
+        }
+        let status = match status {
+            Some(s) => Some(s),
+            None => {
+                let _ = timeout(REAP_LIMIT, child.wait()).await;
+                None
+            }
+        };
+        if !pipes_closed {
+            let _ = timeout(READ_GRACE, &mut reading).await;
+        }
+        status
+    };
+    if status.is_none() || kill_leftovers {
+        group.reap().await;
+    } else {
+        group.reaped = true;
+    }
+    Ok(Ran {
+        status,
+        stdout: out,
+        stderr: err,
+    })
 }
 
 /// `exit N`, or the signal that ended the shell.

@@ -1,6 +1,6 @@
 //! Probes: one check of the instance, bounded by a timeout, and its outcome.
 
-mod exec;
+pub(crate) mod exec;
 mod grpc;
 mod http;
 mod tcp;

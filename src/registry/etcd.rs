@@ -255,7 +255,7 @@ impl EtcdRegistry {
 
 fn range_key(range: &Range) -> &str {
     match range {
-        Range::Key(k) | Range::Prefix(k) => k,
+        Range::Key(k) | Range::Prefix(k) | Range::Span { start: k, .. } => k,
     }
 }
 
@@ -286,7 +286,11 @@ fn to_op(op: Op) -> TxnOp {
             TxnOp::put(key, value, opts)
         }
         Op::Delete(range) => {
-            let opts = matches!(range, Range::Prefix(_)).then(|| DeleteOptions::new().with_prefix());
+            let opts = match &range {
+                Range::Key(_) => None,
+                Range::Prefix(_) => Some(DeleteOptions::new().with_prefix()),
+                Range::Span { end, .. } => Some(DeleteOptions::new().with_range(end.clone())),
+            };
             TxnOp::delete(range_key(&range), opts)
         }
         Op::Get {
@@ -295,8 +299,10 @@ fn to_op(op: Op) -> TxnOp {
             count_only,
         } => {
             let mut opts = GetOptions::new().with_revision(revision);
-            if matches!(range, Range::Prefix(_)) {
-                opts = opts.with_prefix();
+            match &range {
+                Range::Key(_) => {}
+                Range::Prefix(_) => opts = opts.with_prefix(),
+                Range::Span { end, .. } => opts = opts.with_range(end.clone()),
             }
             if count_only {
                 opts = opts.with_count_only();
@@ -423,8 +429,10 @@ impl Etcd for EtcdRegistry {
         };
         let options = |r: &Range| {
             let mut o = WatchOptions::new().with_start_revision(from);
-            if matches!(r, Range::Prefix(_)) {
-                o = o.with_prefix();
+            match r {
+                Range::Key(_) => {}
+                Range::Prefix(_) => o = o.with_prefix(),
+                Range::Span { end, .. } => o = o.with_range(end.clone()),
             }
             if deletes_only {
                 o = o.with_filters([WatchFilterType::NoPut]);

@@ -127,6 +127,12 @@ impl State {
                     .map(|(k, _)| k)
                     .take_while(|k| k.starts_with(p.as_str())),
             ),
+            Range::Span { start, .. } => Box::new(
+                self.versions
+                    .range(start.clone()..)
+                    .map(|(k, _)| k)
+                    .take_while(|k| range.contains(k)),
+            ),
         };
         keys.filter_map(|k| self.at(k, revision).cloned()).collect()
     }
@@ -810,7 +816,9 @@ fn writes(txn: &Txn) -> Vec<&str> {
     let mut keys = Vec::new();
     for op in txn.then.iter().chain(&txn.otherwise) {
         match op {
-            Op::Put { key, .. } | Op::Delete(Range::Key(key) | Range::Prefix(key)) => keys.push(key.as_str()),
+            Op::Put { key, .. } | Op::Delete(Range::Key(key) | Range::Prefix(key) | Range::Span { start: key, .. }) => {
+                keys.push(key.as_str())
+            }
             Op::Txn(t) => keys.extend(writes(t)),
             Op::Get { .. } => {}
         }

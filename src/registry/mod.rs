@@ -61,6 +61,14 @@ pub enum Range {
     Key(String),
     /// Every key starting with this (raw prefix).
     Prefix(String),
+    /// Every key from `start` (included) to `end` (excluded), byte-wise:
+    /// the one range a watch over several prefixes needs.
+    Span {
+        /// The first key of the range.
+        start: String,
+        /// The first key past it.
+        end: Vec<u8>,
+    },
 }
 
 impl Range {
@@ -69,8 +77,48 @@ impl Range {
         match self {
             Range::Key(k) => k == key,
             Range::Prefix(p) => key.starts_with(p.as_str()),
+            Range::Span { start, end } => key >= start.as_str() && key.as_bytes() < end.as_slice(),
         }
     }
+
+    /// The smallest range covering every key under `prefixes`: the prefix
+    /// itself when one covers all the others, else the span from the first
+    /// prefix to the end of the last. The empty prefix covers every key.
+    pub fn covering(prefixes: &[String]) -> Range {
+        let mut sorted: Vec<&String> = prefixes.iter().collect();
+        sorted.sort();
+        let Some(first) = sorted.first() else {
+            return Range::Prefix(String::new());
+        };
+        if sorted.iter().all(|p| p.starts_with(first.as_str())) {
+            return Range::Prefix((*first).clone());
+        }
+        let last = sorted.last().expect("not empty");
+        match prefix_end(last) {
+            Some(end) => Range::Span {
+                start: (*first).clone(),
+                end,
+            },
+            // A prefix of 0xff bytes only: to the end of the key space,
+            // which a span from `first` with no end would need; the whole
+            // space from the first prefix is covered by its own prefix
+            // range only if it covers all, so fall back to every key.
+            None => Range::Prefix(String::new()),
+        }
+    }
+}
+
+/// The first key past every key starting with `prefix` (etcd's range end
+/// for a prefix), or `None` when no key is past them all.
+pub fn prefix_end(prefix: &str) -> Option<Vec<u8>> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
 }
 
 /// What a compare looks at; always compared for equality.
@@ -320,4 +368,39 @@ pub trait Etcd {
 
     /// The endpoint in use, for logs and status.
     fn endpoint(&self) -> &str;
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::*;
+
+    fn p(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_covering_range_is_the_smallest() {
+        assert_eq!(Range::covering(&p(&["/a/"])), Range::Prefix("/a/".into()));
+        assert_eq!(Range::covering(&p(&["/a/b/", "/a/"])), Range::Prefix("/a/".into()));
+        let span = Range::covering(&p(&["/web/", "/api/"]));
+        assert_eq!(
+            span,
+            Range::Span {
+                start: "/api/".into(),
+                end: b"/web0".to_vec()
+            }
+        );
+        for (key, inside) in [
+            ("/api/1", true),
+            ("/web/9", true),
+            ("/db/1", true),
+            ("/web0", false),
+            ("/", false),
+        ] {
+            assert_eq!(span.contains(key), inside, "{key}");
+        }
+        assert_eq!(Range::covering(&p(&["", "/a/"])), Range::Prefix(String::new()));
+        assert_eq!(prefix_end("a\u{7f}"), Some(b"a\x80".to_vec()));
+        assert_eq!(prefix_end(""), None);
+    }
 }

@@ -85,6 +85,10 @@ async fn announce_waits_for_health_and_writes_nothing_when_it_never_comes() {
         started.elapsed() < one_shot_within(flag(wait_timeout)),
         "bounded by --wait-timeout"
     );
+    assert!(
+        started.elapsed() >= at_least(flag(wait_timeout)),
+        "probes for the whole --wait-timeout, not a second less"
+    );
     assert_eq!(revision(&mut c).await, rev, "nothing written");
     assert!(c.leases().await.unwrap().leases().is_empty(), "no lease granted");
 
