@@ -302,6 +302,7 @@ impl Instance {
 /// One request through the proxy.
 pub(crate) struct Sample {
     pub(crate) start: Instant,
+    pub(crate) end: Instant,
     /// The instance that answered `200 served by NAME`, or what went wrong.
     pub(crate) answer: Result<String, String>,
 }
@@ -353,7 +354,11 @@ impl Load {
                 if let (Some(w), Some(u)) = (worker, upstreams) {
                     seen.configs.entry(w).or_insert(u);
                 }
-                seen.samples.push(Sample { start, answer });
+                seen.samples.push(Sample {
+                    start,
+                    end: Instant::now(),
+                    answer,
+                });
             }
         });
         Load {
@@ -650,13 +655,14 @@ pub(crate) async fn failing_instance<P: Proxy>() {
         failed.len(),
     );
     // Only requests sent to a while it failed and was still in the pool
-    // failed, and with a's own answer.
+    // failed (a request in flight when it turned unhealthy may count),
+    // and with a's own answer.
     let wrong: Vec<String> = samples
         .iter()
         .filter_map(|s| {
             let e = s.answer.as_ref().err()?;
             let when = s.start.saturating_duration_since(began);
-            let in_window = s.start >= failed_at && s.start <= out_at;
+            let in_window = s.end >= failed_at && s.start <= out_at;
             (!in_window || e != "503 \"down\\n\"").then(|| format!("{e} (sent at {when:?})"))
         })
         .collect();
