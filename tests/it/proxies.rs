@@ -546,6 +546,7 @@ pub(crate) async fn rolling_update<P: Proxy>() {
             lb.report()
         );
         out_of_pool.push((gone.name.clone(), Instant::now()));
+        assert!(!lb.rendered().contains(&gone.addr), "{}", lb.report());
         let st = gone.sidekick.exit_within(f.exit()).await;
         assert!(
             st.is_some_and(|s| s.success()),
@@ -629,6 +630,7 @@ pub(crate) async fn failing_instance<P: Proxy>() {
         lb.report()
     );
     let out_at = Instant::now();
+    assert!(!lb.rendered().contains(&a.addr), "{}", lb.report());
     assert!(load.more_sent(out_at).await, "the client stalled\n{}", lb.report());
 
     let back_at = Instant::now();
