@@ -88,13 +88,28 @@ pub(crate) struct Trouble {
     seen: Vec<(&'static str, String)>,
     /// etcd did not answer (as opposed to answering no).
     outage: bool,
+    /// How etcd's endpoints were chosen, logged at the first time etcd
+    /// does not answer; then `None`.
+    hint: Option<String>,
 }
 
 impl Trouble {
+    /// Logs `hint` (how the endpoints were chosen) the first time etcd
+    /// does not answer.
+    pub(crate) fn with_hint(hint: &str) -> Trouble {
+        Trouble {
+            hint: (!hint.is_empty()).then(|| hint.to_string()),
+            ..Trouble::default()
+        }
+    }
+
     /// Logs `e`; true when its cause is new in this outage.
     pub(crate) fn note(&mut self, e: &RegistryError) -> bool {
         if e.kind == ErrorKind::Unavailable {
             self.outage = true;
+            if let Some(hint) = self.hint.take() {
+                warn!("etcd does not answer: {hint}");
+            }
         }
         let cause = (e.op, e.cause.replace(&e.endpoint, "ENDPOINT"));
         if self.seen.contains(&cause) {

@@ -19,6 +19,7 @@ mod operability;
 mod probe_http;
 mod proxies;
 mod recipes;
+mod render;
 mod render_examples;
 mod repo;
 mod rollout;
