@@ -178,7 +178,9 @@ async fn a_span_reads_deletes_and_watches_alike() {
     let span = Range::covering(&["s/web/".to_string(), "s/api/".to_string()]);
     p.txn(txn(vec![put("s/api/1", "a")])).await.unwrap(); // 2
     p.txn(txn(vec![put("s/db/1", "d"), put("s/web/1", "w")])).await.unwrap(); // 3
-    p.txn(txn(vec![put("s/web0", "past the end"), put("s/ap", "before")])).await.unwrap(); // 4
+    p.txn(txn(vec![put("s/web0", "past the end"), put("s/ap", "before")]))
+        .await
+        .unwrap(); // 4
     let r = p.txn(txn(vec![Op::get(span.clone())])).await.unwrap();
     let got: Vec<String> = match &r.results[0] {
         etcd_sidekick::registry::OpResult::Get { kvs, .. } => kvs.iter().map(|kv| kv.key.clone()).collect(),
@@ -186,14 +188,26 @@ async fn a_span_reads_deletes_and_watches_alike() {
     };
     assert_eq!(got, ["s/api/1", "s/db/1", "s/web/1"]);
     let mut w = p.watch(std::slice::from_ref(&span), 2, false).await;
-    let revs = |events: &[Event]| events.iter().map(|e| (e.kv.key.clone(), e.kv.mod_revision)).collect::<Vec<_>>();
+    let revs = |events: &[Event]| {
+        events
+            .iter()
+            .map(|e| (e.kv.key.clone(), e.kv.mod_revision))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(
         revs(&w.events().await),
-        [("s/api/1".to_string(), 2), ("s/db/1".to_string(), 3), ("s/web/1".to_string(), 3)]
+        [
+            ("s/api/1".to_string(), 2),
+            ("s/db/1".to_string(), 3),
+            ("s/web/1".to_string(), 3)
+        ]
     );
     p.txn(txn(vec![Op::Delete(span.clone())])).await.unwrap(); // 5
     let dels: Vec<(String, bool)> = w.events().await.iter().map(|e| (e.kv.key.clone(), e.put)).collect();
     assert_eq!(dels.len(), 3, "{dels:?}");
     assert!(dels.iter().all(|(_, put)| !put));
-    assert_eq!(p.model_keys().iter().map(|k| k.key.as_str()).collect::<Vec<_>>(), ["s/ap", "s/web0"]);
+    assert_eq!(
+        p.model_keys().iter().map(|k| k.key.as_str()).collect::<Vec<_>>(),
+        ["s/ap", "s/web0"]
+    );
 }
