@@ -18,12 +18,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::registry::ops::read_prefixes;
-use crate::registry::{ErrorKind, Etcd, Event, Range, RegistryError};
+use crate::registry::ops::{read_prefixes, within};
+use crate::registry::{ErrorKind, Etcd, Event, Range};
 use board::Card;
 use config::Spec;
 use install::Outcome;
@@ -175,16 +175,7 @@ pub async fn follow<E: Etcd>(
         let started = std::time::Instant::now();
         let read = tokio::select! {
             _ = stop.cancelled() => return,
-            r = timeout(shared.call_bound, read_prefixes(&mut reg, &spec.prefixes)) => r,
-        };
-        let read = match read {
-            Ok(r) => r,
-            Err(_) => Err(RegistryError {
-                op: "read the keys",
-                endpoint: reg.endpoint().to_string(),
-                cause: format!("no answer within {}", humantime::format_duration(shared.call_bound)),
-                kind: ErrorKind::Unavailable,
-            }),
+            r = within(&mut reg, shared.call_bound, "read the keys", async |r| read_prefixes(r, &spec.prefixes).await) => r,
         };
         let watching = match read {
             Ok((kvs, revision)) => {
@@ -216,19 +207,10 @@ pub async fn follow<E: Etcd>(
                 st.revision = revision;
                 st.dirty = true;
                 st.changes = None;
-                timeout(
-                    shared.call_bound,
-                    reg.watch(std::slice::from_ref(&range), revision + 1, false),
-                )
-                .await
-                .unwrap_or_else(|_| {
-                    Err(RegistryError {
-                        op: "watch the keys",
-                        endpoint: reg.endpoint().to_string(),
-                        cause: "no answer".into(),
-                        kind: ErrorKind::Unavailable,
-                    })
+                within(&mut reg, shared.call_bound, "watch the keys", async |r| {
+                    r.watch(std::slice::from_ref(&range), revision + 1, false).await
                 })
+                .await
             }
             Err(e) => Err(e),
         };
@@ -367,16 +349,14 @@ pub async fn once<E: Etcd>(specs: &[Spec], reg: &mut E, call_bound: Duration, dr
     };
     let mut ok = true;
     for spec in specs {
-        let read = timeout(call_bound, read_prefixes(reg, &spec.prefixes)).await;
+        let read = within(reg, call_bound, "read the keys", async |r| {
+            read_prefixes(r, &spec.prefixes).await
+        })
+        .await;
         let (kvs, revision) = match read {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
+            Ok(r) => r,
+            Err(e) => {
                 error!(template = %spec.name, error = %e, "etcd does not answer ({hint})");
-                ok = false;
-                continue;
-            }
-            Err(_) => {
-                error!(template = %spec.name, "etcd does not answer within {} ({hint})", humantime::format_duration(call_bound));
                 ok = false;
                 continue;
             }

@@ -11,7 +11,7 @@
 use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -134,30 +134,6 @@ fn rss(pid: u32) -> u64 {
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
     let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     kib * 1024
-}
-
-/// Runs a one-shot command with a deadline; kills it and fails when it hangs.
-async fn output_within(mut cmd: Command, limit: Duration) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "no exit within {limit:?}: stdout {:?} stderr {:?}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        tokio::time::sleep(SAMPLE).await;
-    }
-    child.wait_with_output().unwrap()
 }
 
 /// How the misbehaving backend answers.

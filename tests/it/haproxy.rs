@@ -31,17 +31,7 @@ const BIND_FAILED: &str = "cannot bind socket";
 
 /// The `haproxy` binary, or a failure that says how to get it.
 pub(crate) fn haproxy_bin() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into(), "/usr/local/sbin".into()])
-        .map(|d| d.join("haproxy"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "haproxy is not installed, and this test needs a real one: \
-                 apt-get install haproxy (scripts/prereqs.sh installs it when run as root)"
-            )
-        })
+    system_bin("haproxy", "this test needs a real one")
 }
 
 /// The tests' HAProxy template: master-worker, the frontend on loopback,
@@ -89,6 +79,7 @@ current() {
 }
 before=$(current || true)
 kill -USR2 @PID@
+# Waits on the new worker, polled; bounded by the harness's HAPROXY.
 for ((i = 0; i < @TRIES@; i++)); do
   now=$(current || true)
   [ -n "$now" ] && [ "$now" != "$before" ] && exit 0
@@ -301,16 +292,7 @@ fn parse_servers(out: &str) -> Option<BTreeSet<(String, String)>> {
 impl Drop for Haproxy {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            // SIGTERM lets the master stop its workers; SIGKILL if it does not.
-            if c.try_wait().ok().flatten().is_none() {
-                signal(c.id(), "TERM");
-                let deadline = Instant::now() + STOP;
-                while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                    std::thread::sleep(SAMPLE);
-                }
-                let _ = c.kill();
-            }
-            let _ = c.wait();
+            stop_child(&mut c);
         }
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -989,6 +989,59 @@ pub fn sidekick(args: &[&str]) -> Command {
     cmd.env("SIDEKICK_ENV_FILE", "/nonexistent/etcd.environment");
     cmd.args(args);
     cmd
+}
+
+/// Runs a one-shot command with a deadline; kills it and fails when it hangs.
+pub async fn output_within(mut cmd: Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "no exit within {limit:?}: stdout {:?} stderr {:?}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // Waits on the exit, sampled; bounded by `limit`.
+        tokio::time::sleep(SAMPLE).await;
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Stops a child we started: SIGTERM, its exit awaited (sampled, bounded
+/// by [`STOP`]), SIGKILL if it is still there, then reaped.
+pub fn stop_child(c: &mut Child) {
+    if c.try_wait().ok().flatten().is_none() {
+        signal(c.id(), "TERM");
+        let deadline = Instant::now() + STOP;
+        while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(SAMPLE);
+        }
+        let _ = c.kill();
+    }
+    let _ = c.wait();
+}
+
+/// A system program the tests run for real (`haproxy`, `nginx`), from
+/// PATH or the sbin directories, or a failure saying how to get it and
+/// `why` this test needs it.
+pub fn system_bin(name: &str, why: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into(), "/usr/local/sbin".into()])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{name} is not installed, and {why}: apt-get install {name} (scripts/prereqs.sh installs it when run as root)")
+        })
 }
 
 /// A running `sidekick`, its stderr captured to a file.

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::harness::bounds::*;
 use crate::harness::*;
@@ -20,17 +20,7 @@ const BIND_FAILED: &str = "Address already in use";
 
 /// The `nginx` binary, or a failure that says how to get it.
 fn nginx_bin() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into(), "/usr/local/sbin".into()])
-        .map(|d| d.join("nginx"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "nginx is not installed, and this test needs a real one: \
-                 apt-get install nginx (scripts/prereqs.sh installs it when run as root)"
-            )
-        })
+    system_bin("nginx", "this test needs a real one")
 }
 
 /// The tests' nginx template: one worker, every path in the test's dir,
@@ -161,16 +151,7 @@ impl Proxy for Nginx {
 impl Drop for Nginx {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            // SIGTERM: the master stops its workers; SIGKILL if it does not.
-            if c.try_wait().ok().flatten().is_none() {
-                signal(c.id(), "TERM");
-                let deadline = Instant::now() + STOP;
-                while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                    std::thread::sleep(SAMPLE);
-                }
-                let _ = c.kill();
-            }
-            let _ = c.wait();
+            stop_child(&mut c);
         }
     }
 }

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,7 +21,8 @@ use crate::harness::*;
 const DIAL: &str = "1s";
 
 /// How long the reload command of the overlap test takes: long enough
-/// that the other template's reload is due while it runs.
+/// that the other template's reload is due while it runs. The scenario
+/// itself (a slow reload), not a wait for something.
 const RELOAD_TAKES: &str = "0.3";
 
 /// The servers under `/app/web/`, one line each, through `addr`.
@@ -200,25 +201,7 @@ fn etcd_back() -> Duration {
 
 /// Runs a command that ends by itself; fails the test when it hangs.
 async fn finish(args: &[&str]) -> Output {
-    let mut child = sidekick(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + HANG;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "{args:?}: no exit within {HANG:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    child.wait_with_output().unwrap()
+    output_within(sidekick(args), HANG).await
 }
 
 /// `sidekick ARGS` run to its end: exit code, stdout, stderr.
@@ -297,6 +280,7 @@ impl Watcher {
         let thread = std::thread::spawn(move || {
             while !st.load(Ordering::SeqCst) {
                 s.lock().unwrap().insert(std::fs::read_to_string(&path).ok());
+                // Sampling the file is what this watcher is for.
                 std::thread::sleep(POLL);
             }
         });

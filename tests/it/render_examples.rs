@@ -278,17 +278,7 @@ async fn the_flag_form_renders_the_same_as_the_toml() {
 
 /// `nginx`, or a failure that says how to get it.
 fn nginx_bin() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into(), "/usr/local/sbin".into()])
-        .map(|d| d.join("nginx"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "nginx is not installed, and this test checks the nginx example with it: \
-                 apt-get install nginx (scripts/prereqs.sh installs it when run as root)"
-            )
-        })
+    system_bin("nginx", "this test checks the nginx example with it")
 }
 
 /// Runs the real checker on `config` (a rendering), the way the shipped

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tempfile::TempDir;
 
-use crate::harness::bounds::{POLL, STOP};
 use crate::harness::proxy::*;
 use crate::harness::*;
 use crate::recipes::{documented, read, Documented};
@@ -194,15 +193,7 @@ impl Traefik {
 impl Drop for Traefik {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            if c.try_wait().ok().flatten().is_none() {
-                signal(c.id(), "TERM");
-                let deadline = Instant::now() + STOP;
-                while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                    std::thread::sleep(POLL);
-                }
-                let _ = c.kill();
-            }
-            let _ = c.wait();
+            stop_child(&mut c);
         }
     }
 }
