@@ -10,23 +10,6 @@ use crate::harness::*;
 const KEY: &str = "/services/web/1";
 const VALUE: &str = "10.0.0.5:8080";
 
-/// Resumes a frozen etcd member when the test ends, however it ends, so the
-/// harness can stop it.
-struct Frozen(u32);
-
-impl Frozen {
-    fn freeze(pid: u32) -> Frozen {
-        signal(pid, "STOP");
-        Frozen(pid)
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        signal(self.0, "CONT");
-    }
-}
-
 // Regression: a SIGTERM during a hung keep-alive waited for that call (up to
 // the dial timeout), then for the stop revoke (the dial timeout again).
 #[tokio::test]

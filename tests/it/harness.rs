@@ -1044,6 +1044,24 @@ pub fn system_bin(name: &str, why: &str) -> PathBuf {
         })
 }
 
+/// Resumes a frozen etcd member when the test ends, however it ends, so the
+/// harness can stop it.
+pub struct Frozen(u32);
+
+impl Frozen {
+    /// SIGSTOP to `pid`, SIGCONT when dropped.
+    pub fn freeze(pid: u32) -> Frozen {
+        signal(pid, "STOP");
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
 /// A running `sidekick`, its stderr captured to a file.
 pub struct Running {
     child: Option<Child>,

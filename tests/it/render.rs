@@ -248,23 +248,6 @@ fn mode(path: &str) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
 }
 
-/// Resumes a process frozen with SIGSTOP when the test ends, however it
-/// ends.
-struct Frozen(u32);
-
-impl Frozen {
-    fn freeze(pid: u32) -> Frozen {
-        signal(pid, "STOP");
-        Frozen(pid)
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        signal(self.0, "CONT");
-    }
-}
-
 /// Records every distinct content a file shows, from a thread polling it,
 /// until dropped: to check that nothing else ever showed meanwhile.
 struct Watcher {
