@@ -880,7 +880,16 @@ async fn a_compacted_watch_is_followed_by_a_fresh_read() {
         "n={{ gets(\"/c/bulk/*\")|length }} last={{ getv(\"/c/last\", \"-\") }}\n",
     );
     let dest = site.path("out/c.cfg");
-    let mut sk = Running::start(&render(&src, &dest, &eps, &["/c/"]));
+    // The connection's HTTP/2 pings go every dial timeout (at least 10 s)
+    // and wait a dial timeout for the answer: a freeze longer than that
+    // (400 writes on a loaded machine) would end the connection on thaw,
+    // and the watch would break before etcd could say it was compacted.
+    // A dial timeout of HANG keeps the connection through the freeze.
+    let dial = format!("{}s", HANG.as_secs());
+    let mut args = render(&src, &dest, &eps, &["/c/"]);
+    let at = args.iter().position(|a| *a == "--dial-timeout").unwrap() + 1;
+    args[at] = &dial;
+    let mut sk = Running::start(&args);
     assert!(file_becomes(&dest, "n=0 last=-\n", SOON).await, "{}", shown(&sk));
 
     // Frozen, the sidekick reads nothing of its watch: etcd's buffers for
