@@ -31,7 +31,7 @@ pub async fn announce<R: Etcd>(
     // Lease 0 is etcd's "no lease": a permanent key.
     let under = lease.unwrap_or(LeaseId(0));
     ops::within(reg, limit, "put the keys", async |r| {
-        ops::put_keys(r, under, keys, true).await
+        ops::put_keys(r, under, keys, &Default::default(), true).await
     })
     .await?;
     Ok(lease)

@@ -47,7 +47,7 @@ use crate::config::{ProbeSpec, Timing};
 use crate::health::State;
 use crate::hooks::Hooks;
 use crate::notify::Notice;
-use crate::registry::ops::{self, HeldElsewhere};
+use crate::registry::ops;
 use crate::registry::{ErrorKind, Etcd, LeaseId, Range, RegistryError};
 use crate::status::{Board, Pulse};
 use probe_loop::{probe_loop, Context, Publish};
@@ -122,8 +122,12 @@ struct Running {
     pulse: Arc<Pulse>,
     /// All its keys are in etcd under the process lease.
     registered: bool,
-    /// Some of its keys may be in etcd (a put was tried).
+    /// Some of its keys may be in etcd (a put was tried, or a withdrawal
+    /// did not answer).
     partly: bool,
+    /// The revision of the registration that wrote each key: its
+    /// withdrawal deletes that one and no later one.
+    written: BTreeMap<String, i64>,
     /// When keys held elsewhere are tried again.
     put_at: Instant,
     /// The first registration takes its keys over.
@@ -139,6 +143,17 @@ impl Running {
 
     fn keys(&self) -> Vec<String> {
         keys_of(&self.spec)
+    }
+
+    /// Each key with the revision of our registration of it (0: unknown).
+    fn written_keys(&self) -> Vec<(String, i64)> {
+        self.keys()
+            .into_iter()
+            .map(|k| {
+                let rev = self.written.get(&k).copied().unwrap_or(0);
+                (k, rev)
+            })
+            .collect()
     }
 }
 
@@ -177,8 +192,9 @@ struct Engine<'a, R: Etcd, P: Check> {
     /// One backoff for all when etcd does not answer.
     global: Step,
     services: BTreeMap<String, Running>,
-    /// Keys of services removed or changed by a reload, still to withdraw.
-    retired: Vec<String>,
+    /// Keys of services removed or changed by a reload, still to withdraw,
+    /// each with the revision of our registration of it.
+    retired: Vec<(String, i64)>,
     retire_step: Step,
     shared: BTreeMap<String, SharedKey>,
     /// Absent shared keys are to be put.
@@ -314,6 +330,7 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
                 pulse,
                 registered: false,
                 partly: false,
+                written: BTreeMap::new(),
                 put_at: Instant::now(),
                 takeover: true,
                 held: Held::default(),
@@ -329,7 +346,7 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
         if let Some(s) = self.services.remove(name) {
             s.stop.cancel();
             if s.registered || s.partly {
-                self.retired.extend(s.keys());
+                self.retired.extend(s.written_keys());
             }
             if let Some(b) = &s.board {
                 self.hooks.remove_board(b);
@@ -594,6 +611,17 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
                 b.etcd_error(false, &e.endpoint, e.to_string());
             }
         }
+        if let Some(Action::Withdraw(name)) = action {
+            // The withdrawal may yet reach etcd, late: should the service
+            // come back first, its keys are written again (none is known
+            // now), so that this withdrawal, comparing the revision of the
+            // registration it meant, deletes nothing.
+            if let Some(s) = self.services.get_mut(name) {
+                s.registered = false;
+                s.partly = true;
+                s.written.clear();
+            }
+        }
         if e.kind == ErrorKind::LeaseNotFound {
             // Which lease is gone, its keep-alive finds out, at once.
             match action {
@@ -675,6 +703,7 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
             }
             s.registered = false;
             s.partly = false;
+            s.written.clear();
             if let Some(b) = &s.board {
                 b.withdrawn();
                 if s.spec.probe.is_none() {
@@ -729,13 +758,14 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
                         self.lease = None;
                     }
                     Policy::PerKey => {
-                        let n = ops::withdraw_keys(&mut self.reg, id, &s.keys()).await?;
+                        let n = ops::withdraw_keys(&mut self.reg, id, &s.written_keys()).await?;
                         info!(service = %name, deleted = n, "withdrawn");
                     }
                 }
                 let s = self.services.get_mut(name).expect("a running service");
                 s.registered = false;
                 s.partly = false;
+                s.written.clear();
                 if let Some(b) = &s.board {
                     b.withdrawn();
                 }
@@ -745,7 +775,8 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
                 let id = self.lease.as_ref().expect("retire needs a lease").id;
                 let keys = self.retired.clone();
                 ops::withdraw_keys(&mut self.reg, id, &keys).await?;
-                info!(keys = %keys.join(","), "withdrawn after the reload");
+                let names: Vec<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
+                info!(keys = %names.join(","), "withdrawn after the reload");
                 self.retired.retain(|k| !keys.contains(k));
                 self.status_line(String::new);
             }
@@ -808,11 +839,12 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
                 let s = self.services.get_mut(name).expect("a running service");
                 // Whatever the answer, some keys may now be in etcd.
                 s.partly = true;
-                let elsewhere: Vec<HeldElsewhere> = ops::put_keys(&mut self.reg, id, &s.spec.keys, s.takeover).await?;
+                let done = ops::put_keys(&mut self.reg, id, &s.spec.keys, &s.written, s.takeover).await?;
                 let endpoint = self.reg.endpoint().to_string();
                 let s = self.services.get_mut(name).expect("a running service");
-                s.held.update(name, &s.spec.keys, &elsewhere);
-                if elsewhere.is_empty() {
+                s.held.update(name, &s.spec.keys, &done.held);
+                s.written.extend(done.ours);
+                if done.held.is_empty() {
                     s.registered = true;
                     s.takeover = false;
                     let keys = s.keys().join(",");

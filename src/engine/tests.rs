@@ -630,3 +630,34 @@ async fn a_per_key_withdrawal_never_deletes_another_writers_key() {
     assert_eq!(reg.get("/services/web/1"), None);
     assert_eq!(value(&reg, "/services/web/2").as_deref(), Some("theirs"));
 }
+
+// Regression (found by the fault campaign): a withdrawal that got no
+// answer may still reach etcd, late. When the service came back first, the
+// agent took it for registered still and wrote nothing, so the late
+// withdrawal deleted its key for good. Now a withdrawal without an answer
+// leaves the keys unknown: a service back up writes them again, at a
+// revision the late withdrawal does not match.
+#[tokio::test(start_paused = true)]
+async fn a_service_back_before_its_withdrawal_answered_is_written_again() {
+    let reg = Model::new();
+    let services = vec![service("web", &[(KEY, "v")], &[], timing(1000, 1, 1, 15))];
+    let h = start_engine(&reg, Policy::PerKey, 15, services, Hooks::default());
+    at(1.5).await;
+    let first = reg.get(KEY).expect("registered");
+    reg.set_unreachable(true);
+    h.probes.get("web").set(false);
+    at(2.5).await;
+    h.probes.get("web").set(true);
+    at(2.5).await;
+    reg.set_unreachable(false);
+    at(3.0).await;
+    let now = reg.get(KEY).expect("registered again");
+    assert!(now.mod_revision > first.mod_revision, "not written again: {now:?}");
+    // The first withdrawal, delivered late.
+    let late = [(KEY.to_string(), first.mod_revision)];
+    let n = ops::withdraw_keys(&mut reg.clone(), LeaseId(first.lease), &late)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    assert!(reg.get(KEY).is_some());
+}

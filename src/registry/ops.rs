@@ -3,6 +3,7 @@
 //! run the very same requests. None exceeds [`MAX_TXN_OPS`]: longer lists
 //! are split over several transactions.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::{
@@ -29,8 +30,10 @@ pub struct SharedPresent {
     pub holder: Option<LeaseId>,
 }
 
-/// How many nested transactions of `inner` operations each fit in one: etcd
-/// counts a nested transaction's operations against what its parent leaves.
+/// How many nested transactions each fit in one, when each needs `inner`
+/// operations of what its parent leaves: etcd counts a nested
+/// transaction's operations (its longest list) against what its parent
+/// leaves, level by level.
 const fn nested_per_txn(inner: usize) -> usize {
     MAX_TXN_OPS - inner
 }
@@ -53,37 +56,67 @@ fn found(t: &super::TxnResult) -> Option<&KeyValue> {
     })
 }
 
+/// What a registration left in etcd.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registered {
+    /// Keys another lease (or a permanent write) holds, left alone.
+    pub held: Vec<HeldElsewhere>,
+    /// Each key now ours, with the revision of the put that wrote it: what
+    /// identifies this registration, so that its withdrawal (see
+    /// [`withdraw_keys`]) deletes this one and no later one.
+    pub ours: Vec<(String, i64)>,
+}
+
 /// Puts `keys` under `lease`. With `takeover` every key is written whoever
 /// holds it; without, a key that exists on another lease (or none) is left
-/// alone and returned. Each transaction lands in one revision, so a
-/// watcher sees up to [`MAX_TXN_OPS`] keys appear together.
+/// alone and returned. A key our lease holds already is written again, so
+/// that it carries this registration's revision, unless `known` gives the
+/// revision it still has (a key this registration wrote before, retried
+/// for the others): that one is left as it is. Each transaction lands in
+/// one revision, so a watcher sees up to [`MAX_TXN_OPS`] keys appear
+/// together.
 pub async fn put_keys<E: Etcd>(
     reg: &mut E,
     lease: LeaseId,
     keys: &[(String, String)],
+    known: &BTreeMap<String, i64>,
     takeover: bool,
-) -> Result<Vec<HeldElsewhere>, RegistryError> {
-    let mut held = Vec::new();
+) -> Result<Registered, RegistryError> {
+    let mut out = Registered::default();
     if takeover {
         for chunk in keys.chunks(MAX_TXN_OPS) {
             let then = chunk.iter().map(|(k, v)| Op::put(k, v, lease.0)).collect();
-            reg.txn(Txn { then, ..Txn::default() })
+            let r = reg
+                .txn(Txn { then, ..Txn::default() })
                 .await
                 .map_err(|e| e.during("put the keys").writing(chunk.iter().map(|(k, _)| k.as_str())))?;
+            out.ours.extend(chunk.iter().map(|(k, _)| (k.clone(), r.revision)));
         }
-        return Ok(held);
+        return Ok(out);
     }
-    for chunk in keys.chunks(nested_per_txn(1)) {
-        // Put only where nobody is: a key that exists and is not on our
-        // lease belongs to someone else now.
+    for chunk in keys.chunks(nested_per_txn(3)) {
+        // Put where our lease is, or nobody is: a key that exists on
+        // another lease belongs to someone else now.
         let then = chunk
             .iter()
             .map(|(k, v)| {
-                Op::Txn(Txn {
-                    when: vec![Compare::new(k, Target::Version(0))],
+                let put = Txn {
+                    when: vec![Compare::new(k, Target::Lease(lease.0))],
                     then: vec![Op::put(k, v, lease.0)],
-                    otherwise: vec![Op::get(Range::Key(k.clone()))],
-                })
+                    otherwise: vec![Op::Txn(Txn {
+                        when: vec![Compare::new(k, Target::Version(0))],
+                        then: vec![Op::put(k, v, lease.0)],
+                        otherwise: vec![Op::get(Range::Key(k.clone()))],
+                    })],
+                };
+                match known.get(k) {
+                    Some(&rev) if rev > 0 => Op::Txn(Txn {
+                        when: vec![Compare::new(k, Target::ModRevision(rev))],
+                        then: vec![],
+                        otherwise: vec![Op::Txn(put)],
+                    }),
+                    _ => Op::Txn(put),
+                }
             })
             .collect();
         let r = reg
@@ -91,32 +124,49 @@ pub async fn put_keys<E: Etcd>(
             .await
             .map_err(|e| e.during("put the keys").writing(chunk.iter().map(|(k, _)| k.as_str())))?;
         for ((k, _), t) in chunk.iter().zip(nested(&r.results)) {
-            if t.succeeded {
-                continue;
+            let mut t = t;
+            if let Some(&rev) = known.get(k).filter(|&&rev| rev > 0) {
+                if t.succeeded {
+                    out.ours.push((k.clone(), rev));
+                    continue;
+                }
+                t = nested(&t.results).next().expect("the put, nested");
             }
-            match found(t) {
-                Some(kv) if kv.lease == lease.0 => {}
-                kv => held.push(HeldElsewhere {
+            match nested(&t.results).next() {
+                Some(inner) if !t.succeeded && !inner.succeeded => out.held.push(HeldElsewhere {
                     key: k.clone(),
-                    holder: kv.and_then(|kv| holder(kv.lease)),
+                    holder: found(inner).and_then(|kv| holder(kv.lease)),
                 }),
+                _ => out.ours.push((k.clone(), r.revision)),
             }
         }
     }
-    Ok(held)
+    Ok(out)
 }
 
-/// Deletes each of `keys` that `lease` still holds: a key another writer
-/// holds now is left alone. Up to [`MAX_TXN_OPS`] − 1 keys go in one
-/// revision. Returns how many were deleted.
-pub async fn withdraw_keys<E: Etcd>(reg: &mut E, lease: LeaseId, keys: &[String]) -> Result<usize, RegistryError> {
+/// Deletes each of `keys` (a key and the revision of our registration
+/// that wrote it, 0 when unknown) that `lease` still holds and nobody
+/// wrote since: a key another writer holds now is left alone, and so is a
+/// later registration of ours, should etcd apply this withdrawal late (it
+/// timed out on a member cut off from us, and reached etcd once the link
+/// came back). Up to [`MAX_TXN_OPS`] − 2 keys go in one revision (each
+/// compares two things). Returns how many were deleted.
+pub async fn withdraw_keys<E: Etcd>(
+    reg: &mut E,
+    lease: LeaseId,
+    keys: &[(String, i64)],
+) -> Result<usize, RegistryError> {
     let mut deleted = 0;
-    for chunk in keys.chunks(nested_per_txn(1)) {
+    for chunk in keys.chunks(nested_per_txn(2)) {
         let then = chunk
             .iter()
-            .map(|k| {
+            .map(|(k, rev)| {
+                let mut when = vec![Compare::new(k, Target::Lease(lease.0))];
+                if *rev > 0 {
+                    when.push(Compare::new(k, Target::ModRevision(*rev)));
+                }
                 Op::Txn(Txn {
-                    when: vec![Compare::new(k, Target::Lease(lease.0))],
+                    when,
                     then: vec![Op::Delete(Range::Key(k.clone()))],
                     otherwise: vec![],
                 })
@@ -261,5 +311,102 @@ pub async fn within<E: Etcd, T>(
             cause: format!("no answer within {}", humantime::format_duration(limit)),
             kind: ErrorKind::Unavailable,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::memory::Model;
+    use crate::registry::Etcd;
+
+    const KEY: &str = "/services/web/1";
+
+    fn pairs(n: usize) -> Vec<(String, String)> {
+        (0..n)
+            .map(|i| (format!("/services/web/{i}"), "v".to_string()))
+            .collect()
+    }
+
+    // Regression (found by the fault campaign): an agent's withdrawal that
+    // timed out on a member cut off from it reached etcd once the link came
+    // back, after the agent had registered the service again under the same
+    // lease; comparing the lease alone, it deleted the new registration.
+    #[tokio::test]
+    async fn a_late_withdrawal_does_not_delete_a_later_registration() {
+        let mut reg = Model::new();
+        let lease = reg.grant(Duration::from_secs(15), None).await.unwrap().id;
+        let keys = pairs(1);
+        let first = put_keys(&mut reg, lease, &keys, &BTreeMap::new(), false).await.unwrap();
+        assert_eq!(first.ours.len(), 1);
+        // The withdrawal as first sent, which times out; done again elsewhere.
+        let late = first.ours.clone();
+        assert_eq!(withdraw_keys(&mut reg, lease, &first.ours).await.unwrap(), 1);
+        put_keys(&mut reg, lease, &keys, &BTreeMap::new(), false).await.unwrap();
+        // Delivered late.
+        assert_eq!(withdraw_keys(&mut reg, lease, &late).await.unwrap(), 0);
+        assert!(
+            reg.get("/services/web/0").is_some(),
+            "the later registration was deleted"
+        );
+    }
+
+    // The same when the first withdrawal never took effect before the
+    // service came back: the registration writes the key again, so the
+    // late copy meets a newer revision.
+    #[tokio::test]
+    async fn registering_again_under_our_lease_writes_the_key_again() {
+        let mut reg = Model::new();
+        let lease = reg.grant(Duration::from_secs(15), None).await.unwrap().id;
+        let keys = vec![(KEY.to_string(), "v".to_string())];
+        let first = put_keys(&mut reg, lease, &keys, &BTreeMap::new(), false).await.unwrap();
+        let again = put_keys(&mut reg, lease, &keys, &BTreeMap::new(), false).await.unwrap();
+        assert!(again.held.is_empty());
+        assert!(again.ours[0].1 > first.ours[0].1, "{again:?} after {first:?}");
+        assert_eq!(reg.get(KEY).unwrap().mod_revision, again.ours[0].1);
+        assert_eq!(withdraw_keys(&mut reg, lease, &first.ours).await.unwrap(), 0);
+        assert!(reg.get(KEY).is_some());
+        // Retried for keys held elsewhere: what it wrote stays unwritten.
+        let known = again.ours.iter().cloned().collect();
+        let revision = reg.revision();
+        let retried = put_keys(&mut reg, lease, &keys, &known, false).await.unwrap();
+        assert_eq!((retried.ours, reg.revision()), (again.ours.clone(), revision));
+        assert_eq!(withdraw_keys(&mut reg, lease, &again.ours).await.unwrap(), 1);
+        assert!(reg.get(KEY).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_key_on_another_lease_is_neither_written_nor_withdrawn() {
+        let mut reg = Model::new();
+        let lease = reg.grant(Duration::from_secs(15), None).await.unwrap().id;
+        reg.put_foreign(KEY, "theirs", 0);
+        let keys = vec![(KEY.to_string(), "v".to_string())];
+        let done = put_keys(&mut reg, lease, &keys, &BTreeMap::new(), false).await.unwrap();
+        assert!(done.ours.is_empty());
+        assert_eq!(
+            done.held,
+            vec![HeldElsewhere {
+                key: KEY.into(),
+                holder: None
+            }]
+        );
+        let rev = reg.get(KEY).unwrap().mod_revision;
+        assert_eq!(withdraw_keys(&mut reg, lease, &[(KEY.into(), rev)]).await.unwrap(), 0);
+        assert_eq!(reg.get(KEY).unwrap().value, "theirs");
+    }
+
+    // The model refuses what etcd refuses: more operations than a nested
+    // transaction leaves room for.
+    #[tokio::test]
+    async fn many_keys_fit_within_the_transaction_limit() {
+        let mut reg = Model::new();
+        let lease = reg.grant(Duration::from_secs(15), None).await.unwrap().id;
+        let keys = pairs(3 * MAX_TXN_OPS);
+        let done = put_keys(&mut reg, lease, &keys, &BTreeMap::new(), false).await.unwrap();
+        assert_eq!(done.ours.len(), keys.len());
+        let again = put_keys(&mut reg, lease, &keys, &BTreeMap::new(), false).await.unwrap();
+        assert_eq!(again.ours.len(), keys.len());
+        assert_eq!(withdraw_keys(&mut reg, lease, &again.ours).await.unwrap(), keys.len());
+        assert!(reg.keys("/services/web/").is_empty());
     }
 }

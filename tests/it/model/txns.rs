@@ -330,3 +330,61 @@ async fn empty_keys_are_refused() {
         .unwrap();
     assert_eq!((read(&all, 0).len(), &all.results[1]), (2, &OpResult::Delete(2)));
 }
+
+/// The agent's registration and withdrawal steps, as `ops` builds them,
+/// on one store: each answer, revisions relative to the store's start.
+async fn registration_steps<E: Etcd>(store: &mut E, lease: LeaseId, offset: i64) -> Vec<(Vec<i64>, usize)> {
+    use etcd_sidekick::registry::ops::{put_keys, withdraw_keys};
+    use std::collections::BTreeMap;
+    let keys: Vec<(String, String)> = (0..300).map(|i| (format!("/services/web/{i}"), "v".into())).collect();
+    let revs = |ours: &[(String, i64)]| {
+        let mut r: Vec<i64> = ours.iter().map(|(_, r)| r - offset).collect();
+        r.dedup();
+        r
+    };
+    let first = put_keys(store, lease, &keys, &BTreeMap::new(), false).await.unwrap();
+    let withdrawn = withdraw_keys(store, lease, &first.ours).await.unwrap();
+    let again = put_keys(store, lease, &keys, &BTreeMap::new(), false).await.unwrap();
+    let rewritten = put_keys(store, lease, &keys, &BTreeMap::new(), false).await.unwrap();
+    // Retried with what it wrote known: nothing is written.
+    let known: BTreeMap<String, i64> = rewritten.ours.iter().cloned().collect();
+    let retried = put_keys(store, lease, &keys, &known, false).await.unwrap();
+    assert_eq!(retried.ours, rewritten.ours);
+    // The first withdrawal delivered late, then one of the second
+    // registration: neither may delete the third.
+    let late = withdraw_keys(store, lease, &first.ours).await.unwrap();
+    let stale = withdraw_keys(store, lease, &again.ours).await.unwrap();
+    let last = withdraw_keys(store, lease, &rewritten.ours).await.unwrap();
+    vec![
+        (revs(&first.ours), first.held.len()),
+        (vec![], withdrawn),
+        (revs(&again.ours), again.held.len()),
+        (revs(&rewritten.ours), rewritten.held.len()),
+        (vec![], late),
+        (vec![], stale),
+        (vec![], last),
+    ]
+}
+
+/// A late withdrawal of an earlier registration deletes nothing, a
+/// registration again under our lease writes the keys again (unless it
+/// knows their revision), and 300 keys fit within the limit: etcd answers as the model does, and as expected.
+#[tokio::test]
+async fn registrations_and_late_withdrawals_run_alike_on_both() {
+    let mut p = Pair::start().await;
+    let lease = p.grant(Duration::from_secs(60), 0x5eed).await.unwrap().id;
+    let real = registration_steps(&mut p.real, lease, p.real_offset).await;
+    let model = registration_steps(&mut p.model, lease, p.model_offset).await;
+    assert_eq!(real, model, "etcd (left) and the model (right) differ");
+    // 125 keys a transaction: three revisions a registration.
+    let expected = vec![
+        (vec![2, 3, 4], 0),
+        (vec![], 300),
+        (vec![8, 9, 10], 0),
+        (vec![11, 12, 13], 0),
+        (vec![], 0),
+        (vec![], 0),
+        (vec![], 300),
+    ];
+    assert_eq!(real, expected);
+}
