@@ -43,6 +43,7 @@ def parse(argv):
     p.add_argument("--check", metavar="HISTORY", help="check a recorded history again, run nothing")
     p.add_argument("--self-test", action="store_true", help="run the checker's unit tests")
     p.add_argument("--print-schedule", action="store_true", help="print the schedule and exit")
+    p.add_argument("--repro", choices=["stale-withdraw"], help="run the reproduction of a bug the campaign found")
     p.add_argument("--inner", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.seed is None:
@@ -78,6 +79,9 @@ def inner(a):
     run_dir = a.out
     h = history.History(os.path.join(run_dir, "history.jsonl"))
     members = a.inner.split(",")
+    if a.repro:
+        import repro
+        return repro.stale_withdraw(a, run_dir, members)
     c = runner.Campaign(a, run_dir, members, h)
     rc = 0
     try:
@@ -130,12 +134,15 @@ def outer(a):
         world.make_namespaces(tag)
         argv = ["ip", "netns", "exec", app, sys.executable, os.path.abspath(__file__),
                 "--inner", ",".join(members), "--seed", str(a.seed), "--duration", "%gs" % a.duration,
-                "--kinds", ",".join(a.kinds), "--out", a.out, "--sidekick", a.sidekick]
+                "--kinds", ",".join(a.kinds), "--out", a.out, "--sidekick", a.sidekick] \
+            + (["--repro", a.repro] if a.repro else [])
         rc = subprocess.call(argv)
     except KeyboardInterrupt:
         rc = 130
     finally:
         world.remove_namespaces(tag)
+    if a.repro:
+        return rc
     if rc not in (0,):
         print("campaign: the run failed (exit %d); logs in %s/logs" % (rc, a.out), file=sys.stderr)
         if rc != 3:
