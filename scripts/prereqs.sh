@@ -9,6 +9,8 @@
 #   etcd       the real etcd server the tests and the demo start (etcd-server)
 #   etcdctl    the demo shows the keys with it (etcd-client)
 #   haproxy    the end-to-end tests put a real load balancer in front (haproxy)
+#   nginx      the render tests check the nginx example's output with
+#              `nginx -t` (nginx; looked for in PATH and /usr/sbin)
 #   systemd-analyze   the tests verify the unit templates (systemd)
 #   ip         the discovery test builds network namespaces (iproute2)
 #   curl       the rollout demo sends its requests through HAProxy (curl)
@@ -40,6 +42,7 @@ missing_prereqs() {
   case "${PREREQS_FOR:-test}" in
     test)
       command -v haproxy >/dev/null 2>&1 || echo haproxy
+      command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || echo nginx
       command -v systemd-analyze >/dev/null 2>&1 || echo systemd
       command -v ip >/dev/null 2>&1 || echo iproute2
       ;;

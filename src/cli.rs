@@ -61,11 +61,11 @@ pub struct RunArgs {
     /// Its value, e.g. 10.0.0.5:8080.
     pub value: String,
     /// Another KEY=VALUE to keep under the same lease (repeatable).
-    #[arg(long = "extra", value_name = "KEY=VALUE")]
+    #[arg(long = "extra", value_name = "KEY=VALUE", help_heading = "More keys")]
     pub extra: Vec<String>,
     /// A service-level KEY=VALUE that every instance declares (repeatable):
-    /// put only when absent, never overwritten, put again when deleted.
-    #[arg(long = "shared", value_name = "KEY=VALUE")]
+    /// held jointly, put when absent, never overwritten.
+    #[arg(long = "shared", value_name = "KEY=VALUE", help_heading = "More keys")]
     pub shared: Vec<String>,
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -173,7 +173,7 @@ pub struct AnnounceArgs {
     /// Its value, e.g. 10.0.0.5:8080.
     pub value: String,
     /// Another KEY=VALUE to put with it (repeatable).
-    #[arg(long = "extra", value_name = "KEY=VALUE")]
+    #[arg(long = "extra", value_name = "KEY=VALUE", help_heading = "More keys")]
     pub extra: Vec<String>,
     /// Put the keys under a lease of this TTL and print the lease id; without it the keys are permanent.
     #[arg(long, value_name = "D")]
@@ -267,7 +267,7 @@ pub struct DiscoverArgs {
 }
 
 /// How the instance is probed by `run` and `check`.
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args, Default, Clone)]
 #[command(next_help_heading = "Probe")]
 pub struct ProbeArgs {
     /// Probe with an HTTP(S) request to URL.
@@ -314,7 +314,7 @@ pub struct WaitArgs {
 }
 
 /// Options shared by every probe.
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args, Default, Clone)]
 #[command(next_help_heading = "Probe")]
 pub struct ProbeOptions {
     /// Healthy status codes: a comma list of codes and ranges [default: 200-399].
@@ -365,7 +365,7 @@ pub struct TimingArgs {
 #[derive(Debug, Args, Default)]
 #[command(next_help_heading = "etcd")]
 pub struct EtcdArgs {
-    /// etcd client URLs, comma-separated (else SIDEKICK_ENDPOINTS, ETCDCTL_ENDPOINTS, the env file, the default gateway, 127.0.0.1).
+    /// etcd client URLs, comma-separated; else the variables, the env file, the default gateway, 127.0.0.1 [env: SIDEKICK_ENDPOINTS, ETCDCTL_ENDPOINTS]
     #[arg(long, value_name = "URL[,URL]")]
     pub endpoints: Option<String>,
     /// File read for ETCD_ENDPOINT/ETCD_ENDPOINTS/ETCDCTL_ENDPOINTS [default: /etc/etcd.environment].

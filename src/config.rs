@@ -400,8 +400,22 @@ fn target_spec(
     Ok(Some(ProbeSpec { target, timeout }))
 }
 
-/// Builds the timing and checks it against the probe.
-pub fn timing(args: &TimingArgs, probe: Option<&ProbeSpec>) -> Result<Timing, UsageError> {
+/// A flag's value for a message: as the user typed it, or the default,
+/// said to be one (`2s (the default)`), since a default can be the culprit.
+fn as_given(raw: &Option<String>, value: Duration) -> String {
+    match raw {
+        Some(r) => r.trim().to_string(),
+        None => format!("{} (the default)", humantime::format_duration(value)),
+    }
+}
+
+/// Builds the timing and checks it against the probe, whose `--timeout`
+/// was given as `timeout_raw` (`None`: the default).
+pub fn timing(
+    args: &TimingArgs,
+    probe: Option<&ProbeSpec>,
+    timeout_raw: &Option<String>,
+) -> Result<Timing, UsageError> {
     let t = Timing {
         interval: duration("--interval", &args.interval, Duration::from_secs(5))?,
         rise: count("--rise", &args.rise, 2)?,
@@ -418,16 +432,16 @@ pub fn timing(args: &TimingArgs, probe: Option<&ProbeSpec>) -> Result<Timing, Us
         if p.timeout >= t.interval {
             return Err(usage(format!(
                 "--timeout {} must be smaller than --interval {}",
-                show(p.timeout),
-                show(t.interval)
+                as_given(timeout_raw, p.timeout),
+                as_given(&args.interval, t.interval)
             )));
         }
         if t.ttl <= t.interval + p.timeout {
             return Err(usage(format!(
                 "--ttl {} must be greater than --interval + --timeout ({} + {} = {})",
-                show(t.ttl),
-                show(t.interval),
-                show(p.timeout),
+                as_given(&args.ttl, t.ttl),
+                as_given(&args.interval, t.interval),
+                as_given(timeout_raw, p.timeout),
                 show(t.interval + p.timeout)
             )));
         }
@@ -534,7 +548,7 @@ fn key_values(key: &str, value: &str, extra: &[String]) -> Result<Vec<(String, S
 /// silently would change what the operator asked for), at least 2s.
 pub(crate) fn lease_ttl(raw: &Option<String>, default: Duration) -> Result<Duration, UsageError> {
     let ttl = duration("--ttl", raw, default)?;
-    let show = humantime::format_duration(ttl);
+    let show = as_given(raw, ttl);
     if ttl.subsec_nanos() != 0 {
         return Err(usage(format!(
             "--ttl {show} must be a whole number of seconds (etcd leases count seconds)"
@@ -611,7 +625,7 @@ pub fn run_config(args: &RunArgs, env: &dyn Environment) -> Result<RunConfig, Us
     let shared = shared_values(&keys, &args.shared)?;
     let ops = operability(&args.ops)?;
     let probe = probe_spec(&args.probe)?;
-    let timing = timing(&args.timing, probe.as_ref())?;
+    let timing = timing(&args.timing, probe.as_ref(), &args.probe.options.timeout)?;
     let etcd = etcd_settings(&args.etcd, env)?;
     Ok(RunConfig {
         keys,
@@ -717,7 +731,7 @@ mod tests {
                 }),
             ),
             (
-                "--ttl 7s must be greater than --interval + --timeout (5s + 2s = 7s)",
+                "--ttl 7s must be greater than --interval + --timeout (5s (the default) + 2s (the default) = 7s)",
                 Box::new(move |a| {
                     http(a);
                     a.timing.ttl = s("7s")
@@ -725,7 +739,7 @@ mod tests {
             ),
             ("--ttl 1s must be at least 2s", Box::new(|a| a.timing.ttl = s("1s"))),
             (
-                "--ttl 2s 500ms must be a whole number of seconds",
+                "--ttl 2500ms must be a whole number of seconds",
                 Box::new(|a| a.timing.ttl = s("2500ms")),
             ),
             (

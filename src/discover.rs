@@ -105,6 +105,25 @@ pub struct Discovery {
     pub rule: Rule,
 }
 
+impl Discovery {
+    /// For an etcd that does not answer: how its endpoint was chosen and
+    /// how to choose another, in one clause.
+    pub fn hint(&self) -> String {
+        let eps = self.endpoints.join(",");
+        let choose = "give --endpoints URL or set SIDEKICK_ENDPOINTS";
+        match &self.rule {
+            Rule::Flag => format!("{eps} is what --endpoints says"),
+            Rule::EnvVar(name) => format!("{eps} came from {name}; --endpoints overrides it"),
+            Rule::EnvFile { path, var } => format!("{eps} came from {var} in {path}; {choose}"),
+            Rule::DefaultGateway => format!(
+                "{eps} is the default gateway's port 2379, used because no --endpoints, SIDEKICK_ENDPOINTS, \
+                 ETCDCTL_ENDPOINTS or env file gave one (right inside a container, seldom on a host); {choose}"
+            ),
+            Rule::Fallback => format!("{eps} is the last resort, used because nothing else gave an endpoint; {choose}"),
+        }
+    }
+}
+
 /// Splits a comma list of endpoints, turning a bare `host:port` into
 /// `http://host:port`.
 pub fn parse_endpoints(source: &str, raw: &str) -> Result<Vec<String>, UsageError> {

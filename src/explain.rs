@@ -76,10 +76,24 @@ pub fn command(args: &ExplainArgs) -> Result<String, UsageError> {
     Ok(if args.json { format!("{}\n", e.json()) } else { e.text() })
 }
 
-/// The flags validated by `run`'s rules; nothing is contacted.
+/// The flags validated by `run`'s rules; nothing is contacted. Probe
+/// timing flags without a probe flag are explained as for an HTTP or TCP
+/// probe (the SPEC): only the probe's kind is left open.
 pub fn inputs(args: &ExplainArgs) -> Result<Inputs, UsageError> {
-    let probe = config::probe_spec(&args.probe)?;
-    let timing = config::timing(&args.timing, probe.as_ref())?;
+    let t = &args.timing;
+    let timing_alone = [&t.interval, &t.rise, &t.fall, &t.grace, &args.probe.options.timeout]
+        .iter()
+        .any(|f| f.is_some());
+    let p = &args.probe;
+    let no_probe_flag = [&p.http, &p.tcp, &p.exec, &p.grpc].iter().all(|f| f.is_none());
+    let probe = if no_probe_flag && timing_alone {
+        let mut tcp = p.clone();
+        tcp.tcp = Some("explain.invalid:1".into());
+        config::probe_spec(&tcp)?
+    } else {
+        config::probe_spec(p)?
+    };
+    let timing = config::timing(&args.timing, probe.as_ref(), &args.probe.options.timeout)?;
     let dial_timeout = config::dial_timeout(&args.dial_timeout)?;
     Ok(Inputs {
         timing,
@@ -121,15 +135,21 @@ impl Explanation {
     pub fn text(&self) -> String {
         let t = &self.inputs.timing;
         let mut out = String::new();
-        let mut settings = vec![("--interval", show(t.interval))];
+        // Without a probe, only the flags that mode takes are shown.
+        let mut settings = Vec::new();
         if let Some(timeout) = self.inputs.probe_timeout {
-            settings.push(("--timeout", show(timeout)));
+            settings.extend([
+                ("--interval", show(t.interval)),
+                ("--timeout", show(timeout)),
+                ("--rise", t.rise.to_string()),
+                ("--fall", t.fall.to_string()),
+            ]);
+        }
+        settings.push(("--ttl", show(t.ttl)));
+        if self.inputs.probe_timeout.is_some() {
+            settings.push(("--grace", show(t.grace)));
         }
         settings.extend([
-            ("--rise", t.rise.to_string()),
-            ("--fall", t.fall.to_string()),
-            ("--ttl", show(t.ttl)),
-            ("--grace", show(t.grace)),
             ("--drain", show(t.drain)),
             ("--dial-timeout", show(self.inputs.dial_timeout)),
         ]);

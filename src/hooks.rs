@@ -22,6 +22,9 @@ pub struct Hooks {
     pub boards: Option<Boards>,
     /// The etcd endpoint shown on new boards.
     pub endpoint: String,
+    /// How the etcd endpoints were chosen and how to choose others, logged
+    /// the first time etcd does not answer (empty: nothing).
+    pub etcd_hint: String,
     /// systemd, when `NOTIFY_SOCKET` is set.
     pub notifier: Option<Arc<dyn Notifier>>,
     /// How often to send `WATCHDOG=1`.
@@ -72,6 +75,7 @@ impl Hooks {
         Ok(Hooks {
             boards,
             endpoint: endpoint.to_string(),
+            etcd_hint: String::new(),
             watchdog: notifier.as_ref().and_then(|_| Systemd::watchdog_period()),
             notifier: notifier.map(|n| Arc::new(n) as Arc<dyn Notifier>),
             maintenance_file: ops.maintenance_file.clone(),

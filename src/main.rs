@@ -62,28 +62,44 @@ fn main() {
 }
 
 /// Help and version print as clap does; every other parse error becomes one
-/// line naming the flag, and exit 2.
+/// line naming the flag (with clap's "a similar argument exists" tip when it
+/// has one), and exit 2. A missing argument adds clap's usage line.
 fn clap_exit(e: clap::Error) -> ! {
     if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         e.exit();
     }
-    // The first paragraph of clap's message, folded onto one line.
+    eprintln!("sidekick: {}", clap_message(&e));
+    process::exit(ExitCode::Usage.code());
+}
+
+/// clap's message as this command prints it (see [`clap_exit`]).
+fn clap_message(e: &clap::Error) -> String {
     let text = e.render().to_string();
-    let line = text
-        .lines()
-        .map(str::trim)
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    // The first paragraph of clap's message, folded onto one line.
+    let first = lines
+        .iter()
         .skip_while(|l| l.is_empty())
         .take_while(|l| !l.is_empty())
+        .copied()
         .collect::<Vec<_>>()
         .join(" ");
-    let line = match e.kind() {
+    let mut line = match e.kind() {
         ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            "a command is required: run, agent, render, check, announce, withdraw, discover, list, wait or explain (see --help)"
+            return "a command is required: run, agent, render, check, announce, withdraw, discover, list, wait or explain (see --help)".into();
         }
-        _ => line.trim_start_matches("error: "),
+        _ => first.trim_start_matches("error: ").to_string(),
     };
-    eprintln!("sidekick: {line}");
-    process::exit(ExitCode::Usage.code());
+    for tip in lines.iter().filter(|l| l.starts_with("tip:")) {
+        line.push_str(&format!("; {}", tip.trim_start_matches("tip:").trim()));
+    }
+    if e.kind() == ErrorKind::MissingRequiredArgument {
+        if let Some(usage) = lines.iter().find(|l| l.starts_with("Usage:")) {
+            line.push('\n');
+            line.push_str(usage);
+        }
+    }
+    line
 }
 
 fn init_logging(format: LogFormat) {
@@ -168,15 +184,21 @@ fn run(args: RunArgs) -> Result<ExitCode, Failure> {
             rule = %d.rule,
             "no probe given: announcing unconditionally while running"
         ),
-        Some(_) => info!(
-            endpoints = %endpoints,
-            rule = %d.rule,
-            "probing {}",
-            [&args.probe.http, &args.probe.tcp, &args.probe.exec, &args.probe.grpc]
-                .into_iter()
-                .find_map(|f| f.as_deref())
-                .unwrap_or_default()
-        ),
+        Some(_) => {
+            // An --exec command may carry a secret: its first word only,
+            // the whole of it at debug.
+            let target = match &args.probe.exec {
+                Some(cmd) => {
+                    tracing::debug!(command = %cmd, "the exec probe's command");
+                    format!("with --exec {} ...", cmd.split_whitespace().next().unwrap_or_default())
+                }
+                None => [&args.probe.http, &args.probe.tcp, &args.probe.grpc]
+                    .into_iter()
+                    .find_map(|f| f.clone())
+                    .unwrap_or_default(),
+            };
+            info!(endpoints = %endpoints, rule = %d.rule, "probing {target}")
+        }
     }
     let service = etcd_sidekick::run::service(&cfg);
     let settings = etcd_sidekick::run::settings(&cfg);
@@ -186,9 +208,10 @@ fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         // A closed terminal (SIGHUP) stops `run` like SIGTERM, withdrawing.
         let token = shutdown::on_signals(true, "withdrawing the keys").map_err(signals)?;
         let switch = shutdown::maintenance_switch().map_err(signals)?;
-        let hooks = Hooks::new(&cfg.ops, &d.endpoints[0], true, Some(switch), token.clone())
+        let mut hooks = Hooks::new(&cfg.ops, &d.endpoints[0], true, Some(switch), token.clone())
             .await
-            .map_err(|e| anyhow::Error::new(e).context("could not serve --status-addr"))?;
+            .map_err(|e| status_addr_error(e, &cfg.ops))?;
+        hooks.etcd_hint = d.hint();
         etcd_sidekick::run::run(service, &settings, &build, registry, &hooks, token).await;
         Ok::<_, Failure>(())
     })??;
@@ -206,9 +229,10 @@ fn agent(args: AgentArgs) -> Result<ExitCode, Failure> {
         let token = shutdown::on_signals(false, "withdrawing the keys").map_err(signals)?;
         let switch = shutdown::maintenance_switch().map_err(signals)?;
         let reload = shutdown::on_reload().map_err(signals)?;
-        let hooks = Hooks::new(&cfg.ops, &d.endpoints[0], false, Some(switch), token.clone())
+        let mut hooks = Hooks::new(&cfg.ops, &d.endpoints[0], false, Some(switch), token.clone())
             .await
-            .map_err(|e| anyhow::Error::new(e).context("could not serve --status-addr"))?;
+            .map_err(|e| status_addr_error(e, &cfg.ops))?;
+        hooks.etcd_hint = d.hint();
         agent::run(&cfg, registry, &hooks, token, reload).await;
         Ok::<_, Failure>(())
     })??;
@@ -234,7 +258,7 @@ fn render(args: RenderArgs) -> Result<ExitCode, Failure> {
     let call_bound = settings.dial_timeout;
     if args.once || args.dry_run {
         let mut reg = EtcdRegistry::one_shot(d.endpoints.clone(), options, call_bound);
-        let ok = runtime()?.block_on(render::once(&plan.specs, &mut reg, call_bound, args.dry_run));
+        let ok = runtime()?.block_on(render::once(&plan.specs, &mut reg, call_bound, args.dry_run, &d.hint()));
         return Ok(if ok { ExitCode::Success } else { ExitCode::Failure });
     }
     info!(
@@ -281,6 +305,7 @@ fn render(args: RenderArgs) -> Result<ExitCode, Failure> {
             reloading: tokio::sync::Mutex::new(()),
             settle,
             call_bound,
+            hint: d.hint(),
         });
         let endpoints = d.endpoints.clone();
         let make = || EtcdRegistry::new(endpoints.clone(), options.clone(), call_bound);
@@ -290,6 +315,32 @@ fn render(args: RenderArgs) -> Result<ExitCode, Failure> {
         Ok::<_, Failure>(())
     })??;
     Ok(ExitCode::Success)
+}
+
+/// A one-shot command's etcd failure; when etcd did not answer, with how
+/// its endpoint was chosen and how to choose another.
+fn etcd_failure(e: etcd_sidekick::registry::RegistryError, d: &etcd_sidekick::discover::Discovery) -> Failure {
+    if e.kind == etcd_sidekick::registry::ErrorKind::Unavailable {
+        Failure::Runtime(anyhow::anyhow!("{e} ({})", d.hint()))
+    } else {
+        Failure::Runtime(e.into())
+    }
+}
+
+/// A `--status-addr` that could not be bound, named with its address.
+fn status_addr_error(e: std::io::Error, ops: &config::Operability) -> anyhow::Error {
+    let addr = ops
+        .status_addr
+        .as_ref()
+        .map(|(h, p)| {
+            if h.contains(':') {
+                format!(" [{h}]:{p}")
+            } else {
+                format!(" {h}:{p}")
+            }
+        })
+        .unwrap_or_default();
+    anyhow::Error::new(e).context(format!("could not serve --status-addr{addr}"))
 }
 
 fn check(args: CheckArgs) -> Result<ExitCode, Failure> {
@@ -331,7 +382,10 @@ fn announce(args: AnnounceArgs) -> Result<ExitCode, Failure> {
             cfg.ttl,
             wait,
         ))
-        .map_err(|e| Failure::Runtime(e.into()))?;
+        .map_err(|e| match e {
+            oneshot::AnnounceError::Etcd(e) => etcd_failure(e, &cfg.etcd.discovery),
+            other => Failure::Runtime(other.into()),
+        })?;
     if let Some(lease) = lease {
         println!("{lease}");
     }
@@ -350,7 +404,7 @@ fn withdraw(args: WithdrawArgs) -> Result<ExitCode, Failure> {
             if_value,
             args.prefix,
         ))
-        .map_err(|e| Failure::Runtime(e.into()))?;
+        .map_err(|e| etcd_failure(e, &settings.discovery))?;
     match done.report(&args.key, if_value) {
         Report::Stdout(line) => println!("{line}"),
         Report::Stderr(note) => eprintln!("sidekick: {note}"),
@@ -363,7 +417,7 @@ fn list(args: ListArgs) -> Result<ExitCode, Failure> {
     let mut reg = one_shot_registry(&settings)?;
     let entries = runtime()?
         .block_on(oneshot::list(&mut reg, settings.dial_timeout, args.prefix.as_deref()))
-        .map_err(|e| Failure::Runtime(e.into()))?;
+        .map_err(|e| etcd_failure(e, &settings.discovery))?;
     let mut out = std::io::stdout().lock();
     for e in entries {
         if writeln!(out, "{}", e.line(args.json)).is_err() {
@@ -384,7 +438,10 @@ fn discover(args: DiscoverArgs) -> Result<ExitCode, Failure> {
     }
     let (endpoint, version) = runtime()?
         .block_on(oneshot::status(&mut reg, settings.dial_timeout))
-        .map_err(|e| Failure::Runtime(anyhow::Error::new(e).context("etcd does not answer")))?;
+        .map_err(|e| match etcd_failure(e, &settings.discovery) {
+            Failure::Runtime(e) => Failure::Runtime(e.context("etcd does not answer")),
+            other => other,
+        })?;
     println!("etcd {version} answers at {endpoint}");
     Ok(ExitCode::Success)
 }

@@ -74,18 +74,34 @@ pub async fn announce_when_healthy<R: Etcd>(
     Ok(announce(reg, limit, keys, ttl).await?)
 }
 
+/// How long before `--wait-timeout` the last probe starts at the latest.
+const LAST_PROBE_ROOM: Duration = Duration::from_millis(100);
+
 /// Probes until the instance passes or `limit` runs out, one probe a second
-/// at most. Returns the last outcome.
+/// at most, the whole limit long: a probe that would run past the limit is
+/// cut at it (and fails). Returns the last outcome.
 pub async fn wait_healthy(probe: &Probe, limit: Duration) -> Outcome {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let started = tokio::time::Instant::now();
-        let outcome = probe.check().await;
-        let next = started + Duration::from_secs(1);
-        if outcome.ok || next >= deadline {
+        let left = deadline.saturating_duration_since(started);
+        let outcome = match tokio::time::timeout(left, probe.check()).await {
+            Ok(o) => o,
+            Err(_) => Outcome {
+                ok: false,
+                latency: left,
+                detail: format!("no answer within the {} left", humantime::format_duration(left)),
+            },
+        };
+        let now = tokio::time::Instant::now();
+        if outcome.ok || now >= deadline {
             return outcome;
         }
         tracing::info!(probe = %outcome, "waiting for the instance to be healthy");
+        // The next probe a second after this one started; the last one
+        // just before the limit, with the little time left to answer.
+        let last = deadline.checked_sub(LAST_PROBE_ROOM).unwrap_or(deadline);
+        let next = (started + Duration::from_secs(1)).min(last).max(now);
         tokio::time::sleep_until(next).await;
     }
 }

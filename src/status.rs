@@ -109,7 +109,10 @@ struct Snapshot {
     registered: bool,
     endpoint: String,
     last_probes: VecDeque<ProbeRecord>,
-    last_error: Option<String>,
+    /// The last etcd error since the last success, and when.
+    last_error: Option<(Instant, String)>,
+    /// The last failed probe's detail while the probe fails, and when.
+    probe_error: Option<(Instant, String)>,
     probes_ok: u64,
     probes_failed: u64,
     transitions: u64,
@@ -144,6 +147,7 @@ impl Board {
                 endpoint: endpoint.to_string(),
                 last_probes: VecDeque::with_capacity(LAST_PROBES),
                 last_error: None,
+                probe_error: None,
                 probes_ok: 0,
                 probes_failed: 0,
                 transitions: 0,
@@ -175,6 +179,7 @@ impl Board {
                 s.probes_failed += 1;
             }
             s.failing = failing;
+            s.probe_error = (!o.ok).then(|| (Instant::now(), format!("probe: {}", o.detail)));
             let secs = o.latency.as_secs_f64();
             s.duration_sum += secs;
             for (i, le) in BUCKETS.iter().enumerate() {
@@ -230,7 +235,7 @@ impl Board {
                 s.keepalive_failures += 1;
             }
             s.endpoint = endpoint.to_string();
-            s.last_error = Some(text);
+            s.last_error = Some((Instant::now(), text));
         });
     }
 
@@ -274,7 +279,14 @@ impl Board {
                 "ttl_remaining_s": ttl,
                 "etcd_endpoint": s.endpoint,
                 "last_probes": probes,
-                "last_error": s.last_error,
+                "last_error": match (&s.last_error, &s.probe_error) {
+                    (Some((a, e)), Some((b, p))) => Some(if a > b { e } else { p }),
+                    (Some((_, e)), None) => Some(e),
+                    (None, Some((_, p))) => Some(p),
+                    (None, None) => None,
+                },
+                "last_etcd_error": s.last_error.as_ref().map(|(_, e)| e),
+                "last_probe_error": s.probe_error.as_ref().map(|(_, p)| p),
                 "probe_slot_wait_s": self.pulse.last_wait().as_secs_f64(),
             })
         })
@@ -513,7 +525,20 @@ mod tests {
         assert_eq!(v["state"], "suspect", "up with a failure in a row");
         assert_eq!(v["lease_id"], "2a");
         assert_eq!(v["last_error"], "no answer");
+        assert_eq!(v["last_probe_error"], "probe: HTTP 503");
         assert_eq!(v["last_probes"].as_array().unwrap().len(), 2);
+        // A probe failing after the etcd error is the last error; a healthy
+        // probe ends it, and the etcd error shows again until a success.
+        b.probe(&outcome(false, 30), 2);
+        let v: serde_json::Value = serde_json::from_str(&b.to_json()).unwrap();
+        assert_eq!(v["last_error"], "probe: HTTP 503");
+        b.probe(&outcome(true, 3), 0);
+        let v: serde_json::Value = serde_json::from_str(&b.to_json()).unwrap();
+        assert_eq!(v["last_error"], "no answer");
+        assert!(v["last_probe_error"].is_null());
+        b.kept_alive();
+        let v: serde_json::Value = serde_json::from_str(&b.to_json()).unwrap();
+        assert!(v["last_error"].is_null());
         b.withdrawn();
         let v: serde_json::Value = serde_json::from_str(&b.to_json()).unwrap();
         assert!(v["lease_id"].is_null() && v["ttl_remaining_s"].is_null());

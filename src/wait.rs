@@ -225,11 +225,23 @@ pub enum Error {
 /// The whole command: checks the flags, then waits on a one-thread runtime.
 pub fn run(args: &WaitCmdArgs, env: &dyn Environment) -> Result<(), Error> {
     let cfg = wait_config(args, env)?;
-    let options = connect_options(&cfg.etcd).map_err(UsageError::new)?;
+    // A member cut off from its cluster answers a watch without a leader
+    // by never sending anything: asked for a leader, it refuses instead,
+    // and the next read goes to the next endpoint.
+    let options = connect_options(&cfg.etcd)
+        .map_err(UsageError::new)?
+        .with_require_leader(true);
     let limit = cfg.etcd.dial_timeout;
     let mut reg = EtcdRegistry::one_shot(cfg.etcd.discovery.endpoints.clone(), options, limit);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(run_with(&mut reg, &cfg.condition, limit, cfg.timeout))
+        .map_err(|e| match e {
+            // etcd never answered: say how its endpoint was chosen.
+            Error::TimedOut(text) if text.ends_with("etcd never answered") || text.contains("could not ") => {
+                Error::TimedOut(format!("{text} ({})", cfg.etcd.discovery.hint()))
+            }
+            other => other,
+        })
 }
 
 /// Why one read-then-watch round ended before the condition held.

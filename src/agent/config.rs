@@ -194,7 +194,7 @@ fn service(file: &Path, name: String, r: RawService, ttl: Duration) -> Result<Se
         grace: r.grace.clone(),
         drain: None,
     };
-    let timing = config::timing(&timing_args, probe.as_ref()).map_err(|e| {
+    let timing = config::timing(&timing_args, probe.as_ref(), &r.timeout).map_err(|e| {
         // The TTL is the agent's `--ttl`, not a field of the service.
         fail(e.0.replacen("--ttl", "the agent's --ttl", 1).replace("--", ""))
     })?;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use config::{ConfigError, Service};
 
@@ -89,9 +89,24 @@ pub async fn run<R: Etcd>(
 ) {
     info!(services = cfg.services.len(), ttl = cfg.ttl.as_secs(), "agent starting");
     let (path, ttl) = (cfg.config.clone(), cfg.ttl);
+    let none = |path: &std::path::Path| {
+        warn!(
+            config = %path.display(),
+            "no [services.NAME] table: the agent runs and registers nothing (add a service and send SIGHUP)"
+        )
+    };
+    if cfg.services.is_empty() {
+        none(&path);
+    }
     let reload = Reload {
         signal: reload,
-        load: Box::new(move || config::load(&path, ttl).map_err(|e| e.0)),
+        load: Box::new(move || {
+            let services = config::load(&path, ttl).map_err(|e| e.0)?;
+            if services.is_empty() {
+                none(&path);
+            }
+            Ok(services)
+        }),
     };
     engine::run(
         &cfg.settings(),

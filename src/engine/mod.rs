@@ -228,7 +228,7 @@ pub async fn run<R: Etcd, P: Check>(
         shared_step: Step::new(cap),
         watching: Vec::new(),
         notes: SharedNotes::default(),
-        trouble: Trouble::default(),
+        trouble: Trouble::with_hint(&hooks.etcd_hint),
         wake: Arc::new(Notify::new()),
         permits: Arc::new(Semaphore::new(PROBES_AT_ONCE)),
         shutdown: shutdown.clone(),

@@ -7,7 +7,7 @@ use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
 use crate::registry::ops::{HeldElsewhere, SharedPresent};
-use crate::registry::{Etcd, LeaseId, RegistryError};
+use crate::registry::{ErrorKind, Etcd, LeaseId, RegistryError};
 
 /// Exponential backoff with jitter, capped.
 #[derive(Debug, Clone)]
@@ -86,11 +86,31 @@ pub(crate) async fn wait_for<A>(next: Option<(A, Instant)>) -> A {
 #[derive(Debug, Default)]
 pub(crate) struct Trouble {
     seen: Vec<(&'static str, String)>,
+    /// etcd did not answer (as opposed to answering no).
+    outage: bool,
+    /// How etcd's endpoints were chosen, logged at the first time etcd
+    /// does not answer; then `None`.
+    hint: Option<String>,
 }
 
 impl Trouble {
+    /// Logs `hint` (how the endpoints were chosen) the first time etcd
+    /// does not answer.
+    pub(crate) fn with_hint(hint: &str) -> Trouble {
+        Trouble {
+            hint: (!hint.is_empty()).then(|| hint.to_string()),
+            ..Trouble::default()
+        }
+    }
+
     /// Logs `e`; true when its cause is new in this outage.
     pub(crate) fn note(&mut self, e: &RegistryError) -> bool {
+        if e.kind == ErrorKind::Unavailable {
+            self.outage = true;
+            if let Some(hint) = self.hint.take() {
+                warn!("etcd does not answer: {hint}");
+            }
+        }
         let cause = (e.op, e.cause.replace(&e.endpoint, "ENDPOINT"));
         if self.seen.contains(&cause) {
             debug!(endpoint = %e.endpoint, "{e}; retrying");
@@ -102,10 +122,16 @@ impl Trouble {
         }
     }
 
-    /// Forgets the outage; true when there was one.
+    /// A call succeeded: ends an outage (etcd not answering), and returns
+    /// true when there was one. A refusal (etcd answered no) is not an
+    /// outage: another call succeeding does not end it, so a step that
+    /// keeps being refused is warned about once, not once per retry.
     pub(crate) fn clear(&mut self) -> bool {
-        let was = !self.seen.is_empty();
-        self.seen.clear();
+        let was = self.outage;
+        if was {
+            self.seen.clear();
+            self.outage = false;
+        }
         was
     }
 }

@@ -18,14 +18,21 @@ use super::{
 };
 use crate::config::EtcdSettings;
 
+/// The shortest time between HTTP/2 pings: twice etcd's default
+/// `--grpc-keepalive-min-time`.
+const KEEPALIVE_AT_LEAST: Duration = Duration::from_secs(10);
+
 /// Builds the connection options, reading the TLS files now so that a
 /// missing or unreadable file is a usage error before anything is written.
 pub fn connect_options(settings: &EtcdSettings) -> Result<ConnectOptions, String> {
     let dial = settings.dial_timeout;
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(dial)
-        // HTTP/2 pings find a frozen or vanished etcd on an idle connection.
-        .with_keep_alive(dial.max(Duration::from_secs(1)), dial)
+        // HTTP/2 pings find a frozen or vanished etcd on an idle connection
+        // (a watch that hears nothing). etcd answers pings sent more often
+        // than its --grpc-keepalive-min-time (5 s by default) with a GOAWAY
+        // that breaks the watch: never closer than twice that.
+        .with_keep_alive(dial.max(KEEPALIVE_AT_LEAST), dial)
         .with_keep_alive_while_idle(true);
     if let Some((user, pass)) = &settings.auth {
         // etcd's simple tokens expire (--auth-token-ttl, 5 minutes by
@@ -194,6 +201,7 @@ impl EtcdRegistry {
                 debug!(from = %endpoint, to = %self.endpoints[self.current], "switching etcd endpoint");
             }
         }
+        let cause = scheme_hint(&endpoint, cause, kind);
         RegistryError {
             op,
             endpoint,
@@ -250,6 +258,39 @@ impl EtcdRegistry {
                 ErrorKind::Unavailable,
             )),
         }
+    }
+}
+
+/// A transport failure that a scheme not matching the server explains
+/// (`https://` to a plain etcd, `http://` to a TLS one) says so.
+fn scheme_hint(endpoint: &str, cause: String, kind: ErrorKind) -> String {
+    if !matches!(kind, ErrorKind::Unavailable | ErrorKind::Other) {
+        return cause;
+    }
+    let lower = cause.to_lowercase();
+    let tls_to_plain = [
+        "handshake eof",
+        "connection reset by peer",
+        "corrupt message",
+        "invalidcontenttype",
+        "tls handshake",
+    ];
+    // A TLS server answers a plain HTTP/2 preface with an HTTP/1.0 400 and
+    // closes: the client sees one of these, depending on timing.
+    let plain_to_tls = [
+        "frame with invalid size",
+        "invalid http version",
+        "h2 protocol error",
+        "connection reset by peer",
+        "broken pipe",
+        "connection closed",
+    ];
+    if endpoint.starts_with("https://") && tls_to_plain.iter().any(|p| lower.contains(p)) {
+        format!("{cause}; the endpoint does not seem to speak TLS: for a plain-HTTP etcd use http://")
+    } else if endpoint.starts_with("http://") && plain_to_tls.iter().any(|p| lower.contains(p)) {
+        format!("{cause}; the endpoint may speak TLS: then use https:// (with --cacert as needed)")
+    } else {
+        cause
     }
 }
 

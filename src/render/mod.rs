@@ -46,6 +46,9 @@ pub struct Shared {
     pub settle: Duration,
     /// Bound on each etcd call.
     pub call_bound: Duration,
+    /// How etcd's endpoints were chosen, said the first time etcd does not
+    /// answer.
+    pub hint: String,
 }
 
 /// A template loop's first outcome: rendered, unchanged, or failed and
@@ -160,6 +163,7 @@ pub async fn follow<E: Etcd>(
     };
     let mut backoff = READ_BACKOFF_FIRST;
     let mut outage = false;
+    let mut hinted = shared.hint.is_empty();
     let report = |st: &mut Follow| {
         if !st.reported {
             st.reported = true;
@@ -198,6 +202,9 @@ pub async fn follow<E: Etcd>(
                         "etcd's revision went back (it lost its data): waiting --settle before rendering, so the instances can register again"
                     );
                     st.settle_until = Some(Instant::now() + shared.settle);
+                    // The new store's history starts here: a later read
+                    // (a restart) is measured against it, not the old one.
+                    st.seen = revision;
                 }
                 st.seen = st.seen.max(revision);
                 st.keys = Arc::new(
@@ -228,6 +235,10 @@ pub async fn follow<E: Etcd>(
         if let Err(e) = watching {
             if !outage {
                 warn!(template = %spec.name, error = %e, "etcd does not answer; the installed file stays as it is, trying again");
+                if !hinted && e.kind == ErrorKind::Unavailable {
+                    warn!(template = %spec.name, "etcd does not answer: {}", shared.hint);
+                    hinted = true;
+                }
                 outage = true;
             } else {
                 debug!(template = %spec.name, error = %e, "etcd still does not answer");
@@ -346,11 +357,13 @@ fn apply(spec: &Spec, st: &mut Follow, events: Vec<Event>) {
 
 /// `--once` and `--dry-run`: each template read, rendered and installed
 /// (or printed) once. Returns whether every one succeeded.
-pub async fn once<E: Etcd>(specs: &[Spec], reg: &mut E, call_bound: Duration, dry_run: bool) -> bool {
+/// `hint` says how etcd's endpoint was chosen, for when it does not answer.
+pub async fn once<E: Etcd>(specs: &[Spec], reg: &mut E, call_bound: Duration, dry_run: bool, hint: &str) -> bool {
     let shared = Shared {
         reloading: tokio::sync::Mutex::new(()),
         settle: Duration::ZERO,
         call_bound,
+        hint: String::new(),
     };
     let mut ok = true;
     for spec in specs {
@@ -358,12 +371,12 @@ pub async fn once<E: Etcd>(specs: &[Spec], reg: &mut E, call_bound: Duration, dr
         let (kvs, revision) = match read {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                error!(template = %spec.name, error = %e, "etcd does not answer");
+                error!(template = %spec.name, error = %e, "etcd does not answer ({hint})");
                 ok = false;
                 continue;
             }
             Err(_) => {
-                error!(template = %spec.name, "etcd does not answer within {}", humantime::format_duration(call_bound));
+                error!(template = %spec.name, "etcd does not answer within {} ({hint})", humantime::format_duration(call_bound));
                 ok = false;
                 continue;
             }

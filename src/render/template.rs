@@ -23,7 +23,8 @@ pub type Keys = BTreeMap<String, String>;
 #[derive(Default)]
 struct Data {
     keys: Arc<Keys>,
-    /// The keys whose values hold a control character, with those values.
+    /// The keys that hold a control character in their name or value, with
+    /// the text that holds it.
     tainted: Vec<(String, String)>,
 }
 
@@ -111,14 +112,16 @@ impl Template {
         let check = cell.clone();
         env.set_formatter(move |out, state, value| {
             if let Some(s) = value.as_str() {
-                let d = data(&check);
-                if let Some((key, v)) = d.tainted.iter().find(|(_, v)| s.contains(v.as_str())) {
-                    let c = v.chars().find(|c| c.is_control()).unwrap_or('\0');
-                    return Err(fail(format!(
-                        "the value of {key} holds a control character (U+{:04X}) and is printed as it is; \
-                         a key's value may not write lines into the file",
-                        c as u32
-                    )));
+                if let Some(c) = s.chars().find(|c| c.is_control()) {
+                    let d = data(&check);
+                    if !d.tainted.is_empty() {
+                        return Err(fail(format!(
+                            "{} holds a control character and a printed value holds one (U+{:04X}); \
+                             nothing from etcd may write lines into the file",
+                            culprit(&d.tainted, s),
+                            c as u32
+                        )));
+                    }
                 }
             }
             minijinja::escape_formatter(out, state, value)
@@ -141,10 +144,11 @@ impl Template {
     /// Renders over `keys`; an error is one line naming the template, its
     /// line and, for a refused value, the key.
     pub fn render(&self, keys: Arc<Keys>) -> Result<String, String> {
+        let control = |t: &str| t.chars().any(char::is_control);
         let tainted = keys
             .iter()
-            .filter(|(_, v)| v.chars().any(char::is_control))
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .filter(|(k, v)| control(k) || control(v))
+            .map(|(k, v)| (k.clone(), if control(k) { k.clone() } else { v.clone() }))
             .collect();
         let map = Value::from_object(KeyMap(keys.clone()));
         *self.cell.lock().expect("template data lock") = Arc::new(Data { keys, tainted });
@@ -157,6 +161,22 @@ impl Template {
         *self.cell.lock().expect("template data lock") = Arc::default();
         out
     }
+}
+
+/// Which tainted key to name for a printed `s`: the one whose text shares
+/// a control character and its neighbours with `s`, else the first.
+fn culprit(tainted: &[(String, String)], s: &str) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    let windows: Vec<String> = (0..chars.len())
+        .filter(|&i| chars[i].is_control())
+        .map(|i| chars[i.saturating_sub(1)..(i + 2).min(chars.len())].iter().collect())
+        .collect();
+    let (key, text) = tainted
+        .iter()
+        .find(|(_, t)| windows.iter().any(|w| t.contains(w.as_str())))
+        .unwrap_or(&tainted[0]);
+    let what = if key == text { "the key" } else { "the value of" };
+    format!("{what} {}", key.escape_debug())
 }
 
 /// The key and its parts: `/services/web/3` → `["", "services", "web", "3"]`.
@@ -497,13 +517,31 @@ mod tests {
             let e = render(t, evil).unwrap_err();
             assert!(e.contains("/services/web/1") && e.contains("U+000A"), "{t}: {e}");
         }
-        // Used but not printed, or changed by a filter: fine.
+        // Through a filter that keeps the newline: still refused.
+        let e = render("{{ 'a/' ~ getv('/services/web/1') | base }}", evil).unwrap_err();
+        assert!(e.contains("/services/web/1"), "{e}");
+        // Used but not printed, or with the control character taken out: fine.
         assert_eq!(render("{{ getv('/services/web/1') | length }}", evil).unwrap(), "38");
         assert_eq!(
             render("{{ getv('/services/web/1') | replace('\n', ' ') | trim }}", evil).unwrap(),
             "10.0.0.1:80     server evil 6.6.6.6:80"
         );
-        // The template's own newlines are the template's business.
+        // A JSON value spread over lines, read through `json`: fine.
+        assert_eq!(
+            render("{{ (getv('/j') | json).port }}", &[("/j", "{\n \"port\": 8080\n}")]).unwrap(),
+            "8080"
+        );
+        // A key holding a newline is refused too, however it is printed.
+        let key = &[("/services/web/1\n    server evil 6.6.6.6:80 #", "10.0.0.1:80")];
+        for t in [
+            "{% for kv in gets('/services/web/*') %}server web-{{ kv.key | base }} {{ kv.value | addr }}{% endfor %}",
+            "{{ keys | list | first }}",
+        ] {
+            let e = render(t, key).unwrap_err();
+            assert!(e.contains("the key /services/web/1\\n"), "{t}: {e}");
+        }
+        // The template's own newlines are the template's business while no
+        // key or value holds a control character.
         assert_eq!(render("{{ 'a\nb' }}", &[("/x", "y")]).unwrap(), "a\nb");
     }
 

@@ -46,6 +46,7 @@ impl Loop {
             reloading: tokio::sync::Mutex::new(()),
             settle: SETTLE,
             call_bound: Duration::from_secs(1),
+            hint: String::new(),
         });
         let stop = CancellationToken::new();
         let (tx, first) = tokio::sync::mpsc::unbounded_channel();

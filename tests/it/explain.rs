@@ -171,6 +171,18 @@ fn bad_combinations_exit_2_with_one_line_and_contact_nothing() {
     // A good one contacts nothing either.
     let (code, _, err) = explain(&["--http", &url], &vars);
     assert_eq!(code, Some(0), "{err}");
+    // Timing flags alone are explained as for an HTTP or TCP probe; with no
+    // flag at all, the no-probe mode shows only the settings it takes.
+    let (code, out, err) = explain(&["--interval", "3s", "--ttl", "10s"], &vars);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("sidekick run with --interval 3s --timeout 2s"), "{out}");
+    let (code, out, err) = explain(&[], &vars);
+    assert_eq!(code, Some(0), "{err}");
+    let header = out.lines().next().unwrap_or_default();
+    assert!(
+        header.contains("no probe") && !header.contains("--interval") && !header.contains("--rise"),
+        "{header}"
+    );
     let accepted = (0..100).take_while(|_| listener.accept().is_ok()).count();
     assert_eq!(accepted, 0, "explain opened connections to the probe target or etcd");
 }

@@ -147,6 +147,21 @@ pub mod bounds {
     /// flag).
     pub const ANNOUNCE_PROBE_EVERY: Duration = Duration::from_secs(1);
 
+    /// `sidekick render`'s backoff between reads while etcd is away, at
+    /// most (the contract's figure, not a flag).
+    pub const RENDER_READ_BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+    /// `sidekick render`'s backoff between tries of a failing reload
+    /// command, at most (the contract's figure, not a flag).
+    pub const RENDER_RELOAD_BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+    /// A render catching up with a burst of a few hundred changes, or with
+    /// a megabyte of them held back, until its file shows the last one:
+    /// no flag governs it, and each revision may be rendered and checked
+    /// (a shell started) on its own, on two busy cores. Longer than
+    /// [`SOON`], which is for one reaction.
+    pub const CATCH_UP: Duration = Duration::from_secs(60);
+
     /// The duration a flag's value gives (`300ms`, `2s`), as the sidekick
     /// reads it.
     pub fn flag(value: &str) -> Duration {

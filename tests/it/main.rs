@@ -17,6 +17,8 @@ mod oneshot;
 mod operability;
 mod probe_http;
 mod recipes;
+mod render;
+mod render_examples;
 mod repo;
 mod rollout;
 mod run;

@@ -85,6 +85,10 @@ async fn announce_waits_for_health_and_writes_nothing_when_it_never_comes() {
         started.elapsed() < one_shot_within(flag(wait_timeout)),
         "bounded by --wait-timeout"
     );
+    assert!(
+        started.elapsed() >= at_least(flag(wait_timeout)),
+        "probes for the whole --wait-timeout, not a second less"
+    );
     assert_eq!(revision(&mut c).await, rev, "nothing written");
     assert!(c.leases().await.unwrap().leases().is_empty(), "no lease granted");
 
@@ -259,4 +263,42 @@ async fn one_shot_commands_exit_1_within_the_dial_timeout_when_etcd_is_away() {
         );
     }
     drop(silent);
+}
+
+/// etcd not answering: the error says how its endpoint was chosen and how
+/// to choose another, whichever rule chose it.
+#[test]
+fn an_unanswered_etcd_names_the_rule_that_chose_it() {
+    let dead = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let env_file = dir.path().join("etcd.environment");
+    std::fs::write(&env_file, format!("ETCD_ENDPOINTS=http://{dead}\n")).unwrap();
+    let env_file = env_file.display().to_string();
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], String);
+    let cases: [Case; 3] = [
+        (
+            &[],
+            &["--endpoints", &dead],
+            format!("http://{dead} is what --endpoints says"),
+        ),
+        (
+            &[("SIDEKICK_ENDPOINTS", &dead)],
+            &[],
+            format!("http://{dead} came from SIDEKICK_ENDPOINTS; --endpoints overrides it"),
+        ),
+        (
+            &[("SIDEKICK_ENV_FILE", &env_file)],
+            &[],
+            format!("came from ETCD_ENDPOINTS in {env_file}; give --endpoints URL or set SIDEKICK_ENDPOINTS"),
+        ),
+    ];
+    for (vars, flags, want) in cases {
+        let mut cmd = sidekick(&["list", "--dial-timeout", "1s"]);
+        cmd.args(flags).envs(vars.iter().copied());
+        let o = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(err.contains(&want), "{vars:?} {flags:?}: {err}");
+    }
 }

@@ -145,7 +145,10 @@ async fn a_status_address_in_use_is_an_error_before_anything_is_written() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("--status-addr") && err.contains("in use"), "{err}");
+    assert!(
+        err.contains(&format!("could not serve --status-addr {addr}: ")) && err.contains("in use"),
+        "names the address: {err}"
+    );
     let mut c = etcd.client(0).await;
     assert!(get(&mut c, KEY).await.is_none(), "nothing written");
 }

@@ -485,3 +485,25 @@ async fn withdrawal_after_the_auth_token_expired() {
     assert!(key_becomes(&root, KEY, None, SOON).await, "{}", sk.log());
     assert!(!sk.log().contains("retrying"), "{}", sk.log());
 }
+
+/// A scheme that does not match the server: `https://` to a plain etcd and
+/// `http://` to a TLS one each say so, rather than a bare transport error.
+#[tokio::test]
+async fn a_scheme_that_does_not_match_the_server_says_so() {
+    let pki = Pki::new();
+    let tls = Etcd::start_tls(pki.etcd_flags(), pki.client_options()).await;
+    let plain = Etcd::start().await;
+    let as_http = tls.endpoints().replacen("https://", "http://", 1);
+    let as_https = plain.endpoints().replacen("http://", "https://", 1);
+    let (ca, cert, key) = (pki.arg("ca.pem"), pki.arg("client.pem"), pki.arg("client.key"));
+    for (eps, want) in [(&as_https, "does not seem to speak TLS"), (&as_http, "may speak TLS")] {
+        let mut args = vec!["list", "--endpoints", eps.as_str(), "--dial-timeout", "2s"];
+        if eps.starts_with("https") {
+            args.extend(["--cacert", &ca, "--cert", &cert, "--key", &key]);
+        }
+        let out = sidekick(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(want), "{eps}: {err}");
+    }
+}
