@@ -370,7 +370,7 @@ def check(recs):
             cause, inst = "connection refused", hl.get("srv")
         else:
             cause, inst = "status %s (%s)" % (r.get("status"), hl.get("ts")), hl.get("srv")
-        why = allowed(m, t, inst, cause)
+        why = allowed(m, t, inst, cause, t + (r.get("dt") or 0.0))
         failures.append({"t": t, "n": r["n"], "cause": cause, "srv": inst, "allowed": why})
         if why is None:
             violation("failed_request", t, "request %d failed (%s%s), in no window the Guarantees allow"
@@ -556,24 +556,31 @@ def registered_due(m, name, t):
     return due + SLACK
 
 
-def allowed(m, t, inst, cause):
-    """Why a request failing at t is allowed by the Guarantees, or None."""
+def allowed(m, t, inst, cause, t_end=None):
+    """Why a request sent at t (answered at t_end) and failed is allowed by
+    the Guarantees, or None."""
     if in_windows(m.unsettled, t):
         return "etcd without quorum, or settling after it"
     if in_windows(m.render_down, t):
         return "render down, or catching up after its restart"
     if inst in m.health:
-        d = m.deadline(inst, t)
-        if d is not None and t <= d:
-            return "%s failed, within its withdraw + render bound" % inst
+        # The instance may have failed while it handled the request.
+        for tt in (t, t_end or t):
+            d = m.deadline(inst, tt)
+            if d is not None and t <= d:
+                return "%s failed, within its withdraw + render bound" % inst
     # No instance the Guarantees require in the proxy: all down or withdrawn.
     required = [n for n in m.instances if n.startswith("web-")
                 and registered_due(m, n, t - m.render - SLACK) is not None
                 and registered_due(m, n, t - m.render - SLACK) <= t - m.render - SLACK]
     if not required:
         return "no instance was required to be serving"
+    servers = m.haproxy.at(t) or frozenset()
+    if inst is None and cause in ("server timeout", "timeout") or cause.startswith("status 50"):
+        # Without the proxy's log line: some server in the proxy had failed within its bound.
+        if any(s in m.health and m.deadline(s, t) is not None and t <= m.deadline(s, t) for s in servers):
+            return "a server in the proxy had failed, within its bound"
     if cause in ("no server", "connection refused", "server timeout", "timeout"):
-        servers = m.haproxy.at(t) or frozenset()
         failing = [s for s in servers if s in m.health and m.deadline(s, t) is not None and t <= m.deadline(s, t)]
         if servers and len(failing) == len(servers):
             return "every server in the proxy had failed within its bound"

@@ -212,6 +212,9 @@ class Campaign:
     # --- faults --------------------------------------------------------------
 
     def do(self, a):
+        # The time an action is recorded at is taken before it is done: a
+        # request that meets its effect never seems to precede it.
+        t_act = self.h.now()
         on, target, what = a["on"], a["target"], a["do"]
         c = self.cluster
         extra = {}
@@ -224,9 +227,10 @@ class Campaign:
             elif what == "start":
                 world.free_port_file_text(os.path.join(self.dir, "state", target), "up")
                 p.start()
-                self.h.add("action", on=on, target=target, do=what, fault=a["fault"], kind=a["kind"])
+                self.h.add("action", t=t_act, on=on, target=target, do=what, fault=a["fault"], kind=a["kind"])
                 self.wait_listening(target)
                 what = "ready"
+                t_act = self.h.now()
         elif on == "sidekick":
             p = self.procs["sk-" + target]
             {"kill": p.kill, "start": p.start, "stop": p.stop, "cont": p.cont, "term": p.term}[what]()
@@ -270,7 +274,7 @@ class Campaign:
             {"kill": self.render_proc.kill, "start": self.render_proc.start}[what]()
         elif on == "haproxy":
             self.procs["haproxy"].signal(signal.SIGUSR2)
-        self.h.add("action", on=on, target=target, do=what, fault=a["fault"], kind=a["kind"], **extra)
+        self.h.add("action", t=t_act, on=on, target=target, do=what, fault=a["fault"], kind=a["kind"], **extra)
 
     def wait_listening(self, name, timeout=5.0):
         """Until the instance accepts connections: it is healthy from then."""

@@ -111,6 +111,15 @@ class CheckerTest(unittest.TestCase):
         h.add(31, "health", members={"m1": True, "m2": True, "m3": True})
         self.assertNotIn("served_after_bound", h.kinds())
 
+    def test_an_instance_failing_while_it_handles_a_request_is_allowed(self):
+        # sent a moment before the instance turned slow, timed out by the proxy after
+        h = H().act(10, "backend", "web-1", "slow").kv(10.6, KEY).add(10.7, "haproxy", servers=[])
+        h.add(9.999, "req", n=999, srv=None, status=504, err=None, dt=1.0)
+        h.add(61, "hlog", entries=[[999, "web-1", "sH--", "504", "0"]])
+        r = h.run()
+        self.assertEqual(r["violations"], [])
+        self.assertEqual(r["failures"][0]["cause"], "server timeout")
+
     def test_a_killed_sidekick_leaves_its_key_for_the_ttl(self):
         h = H().act(10, "sidekick", "web-1", "kill").act(10.5, "backend", "web-1", "down")
         h.add(13, "req", n=999, srv="web-1", status=503, err=None, dt=0.01)  # within TTL + leader change
