@@ -48,13 +48,13 @@ class Step:
         self.ts, self.vs, self.default = [], [], default
 
     def set(self, t, v):
-        if self.ts and t < self.ts[-1]:
-            t = self.ts[-1]
-        if self.ts and self.ts[-1] == t:
-            self.vs[-1] = v
-        else:
-            self.ts.append(t)
-            self.vs.append(v)
+        # Two changes recorded at one time (two revisions in one watch
+        # message) stay two states, a microsecond apart: the proxy may
+        # have been rendered from the first.
+        if self.ts and t <= self.ts[-1]:
+            t = self.ts[-1] + 1e-6
+        self.ts.append(t)
+        self.vs.append(v)
 
     def at(self, t):
         i = bisect.bisect_right(self.ts, t) - 1

@@ -64,6 +64,7 @@ def faults_for(a):
 
 
 def check_and_report(hist_path, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
     recs = history.load(hist_path)
     result = check.check(recs)
     md, svg = report.write(recs, result, out_dir)
