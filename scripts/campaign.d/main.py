@@ -43,7 +43,9 @@ def parse(argv):
     p.add_argument("--check", metavar="HISTORY", help="check a recorded history again, run nothing")
     p.add_argument("--self-test", action="store_true", help="run the checker's unit tests")
     p.add_argument("--print-schedule", action="store_true", help="print the schedule and exit")
-    p.add_argument("--repro", choices=["stale-withdraw"], help="run the reproduction of a bug the campaign found")
+    p.add_argument("--raw-reload", action="store_true",
+                   help="render reloads HAProxy with a bare kill -USR2 (which can be lost mid-reload)")
+    p.add_argument("--repro", choices=["stale-withdraw", "lost-reload"], help="run the reproduction of a bug the campaign found")
     p.add_argument("--inner", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.seed is None:
@@ -82,7 +84,7 @@ def inner(a):
     members = a.inner.split(",")
     if a.repro:
         import repro
-        return repro.stale_withdraw(a, run_dir, members)
+        return {"stale-withdraw": repro.stale_withdraw, "lost-reload": repro.lost_reload}[a.repro](a, run_dir, members)
     c = runner.Campaign(a, run_dir, members, h)
     rc = 0
     try:
@@ -123,11 +125,14 @@ def outer(a):
     kinds = {}
     for f in faults:
         kinds[f["kind"]] = kinds.get(f["kind"], 0) + 1
-    print("campaign: seed %d, %gs, %d faults (%s)" % (a.seed, a.duration, len(faults),
+    if a.repro:
+        print("reproduction: %s" % a.repro, flush=True)
+    else:
+        print("campaign: seed %d, %gs, %d faults (%s)" % (a.seed, a.duration, len(faults),
           ", ".join("%s %d" % kv for kv in sorted(kinds.items()))), flush=True)
-    print("replay with: scripts/campaign --duration %gs --seed %d%s" % (
-        a.duration, a.seed, " --kinds " + ",".join(a.kinds) if set(a.kinds) != set(sched.ALL_KINDS) else ""),
-        flush=True)
+        print("replay with: scripts/campaign --duration %gs --seed %d%s%s" % (
+        a.duration, a.seed, " --kinds " + ",".join(a.kinds) if set(a.kinds) != set(sched.ALL_KINDS) else "",
+        " --raw-reload" if a.raw_reload else ""), flush=True)
     tag = "skc%d" % (os.getpid() % 100000)
     app, members = world.ns_names(tag)
     rc = 0
@@ -136,7 +141,7 @@ def outer(a):
         argv = ["ip", "netns", "exec", app, sys.executable, os.path.abspath(__file__),
                 "--inner", ",".join(members), "--seed", str(a.seed), "--duration", "%gs" % a.duration,
                 "--kinds", ",".join(a.kinds), "--out", a.out, "--sidekick", a.sidekick] \
-            + (["--repro", a.repro] if a.repro else [])
+            + (["--repro", a.repro] if a.repro else []) + (["--raw-reload"] if a.raw_reload else [])
         rc = subprocess.call(argv)
     except KeyboardInterrupt:
         rc = 130

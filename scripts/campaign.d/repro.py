@@ -119,3 +119,52 @@ def stale_withdraw(a, run_dir, members, attempts=5):
             p.kill()
         for p in c.procs.values():
             p.kill()
+
+
+def lost_reload(a, run_dir, members, trials=16):
+    """HAProxy 2.6 in master-worker mode loses a SIGUSR2 that arrives while
+    it still reloads for the previous one: two configurations written and
+    signalled 20 ms apart leave it on the first. Then the same through
+    haproxy-reload, which waits for each reload."""
+    os.makedirs(run_dir, exist_ok=True)
+    sock = os.path.join(run_dir, "master.sock")
+    cfg = os.path.join(run_dir, "haproxy.cfg")
+
+    def write(name):
+        text = ("global\n    maxconn 100\ndefaults\n    mode http\n    timeout connect 1s\n    timeout client 1s\n"
+                "    timeout server 1s\nfrontend f\n    bind 127.0.0.1:18080\n    default_backend b\n"
+                "backend b\n    server %s 127.0.0.1:9\n" % name)
+        world.free_port_file_text(cfg, text)
+
+    def serving():
+        out = world.master_cli(sock, "@1 show servers state b")
+        return [l.split()[3] for l in out.splitlines() if l[:1].isdigit() and len(l.split()) > 4]
+
+    write("s0")
+    hap = Proc("haproxy", ["haproxy", "-W", "-S", sock, "-f", cfg], os.path.join(run_dir, "haproxy.log"))
+    hap.start()
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        time.sleep(1.0)
+        stale = {"kill -USR2": 0, "haproxy-reload": 0}
+        for how in stale:
+            for i in range(trials):
+                for name in ("a%d" % i, "b%d" % i):
+                    write(name)
+                    if how == "kill -USR2":
+                        os.kill(hap.pid, signal.SIGUSR2)
+                        time.sleep(0.02)
+                    else:
+                        subprocess.run([os.path.join(here, "haproxy-reload"), sock, str(hap.pid)], check=False)
+                time.sleep(1.5)
+                try:
+                    now = serving()
+                except OSError:
+                    now = ["(no answer)"]
+                if now != ["b%d" % i]:
+                    stale[how] += 1
+            print("%-15s two reloads 20 ms apart: HAProxy stayed on the older configuration in %d of %d trials"
+                  % (how, stale[how], trials), flush=True)
+        return 1 if stale["kill -USR2"] else 0
+    finally:
+        hap.kill()

@@ -93,7 +93,8 @@ class Campaign:
         instances["api"] = {"key": API_KEY, "value": API_VALUE, "by": "agent", "shared": API_SHARED,
                             "probe": False}
         self.h.add("meta", t=0, wall=time.time(), seed=self.args.seed, duration=self.args.duration,
-                   flags={"timing": TIMING, "etcd": ETCD_FLAGS, "drain": DRAIN, "settle": SETTLE},
+                   flags={"timing": TIMING, "etcd": ETCD_FLAGS, "drain": DRAIN, "settle": SETTLE,
+                          "reload": "kill -USR2" if self.args.raw_reload else "haproxy-reload"},
                    explain={"probe": self.explain(probe), "no_probe": self.explain(None)},
                    settle_s=float(SETTLE.rstrip("s")), instances=instances, foreign=FOREIGN,
                    members=self.cluster.names, faults=faults, kinds=self.args.kinds)
@@ -200,14 +201,22 @@ class Campaign:
         time.sleep(0.5)
         with open(os.path.join(rdir, "render.toml"), "w") as f:
             f.write('[templates.haproxy]\nsrc = "%s"\ndest = "%s"\nprefixes = ["/services/web/"]\n'
-                    'check_cmd = "haproxy -c -q -f {{src}}"\nreload_cmd = "kill -USR2 %d"\n'
-                    % (os.path.join(rdir, "haproxy.cfg.j2"), self.dest, hap.pid))
+                    'check_cmd = "haproxy -c -q -f {{src}}"\nreload_cmd = "%s"\n'
+                    % (os.path.join(rdir, "haproxy.cfg.j2"), self.dest, self.reload_cmd(hap.pid)))
         self.render_proc = Proc("render", [self.sidekick, "render", "--config", os.path.join(rdir, "render.toml"),
                                            "--settle", SETTLE, "--status-addr", "127.0.0.1:7300"] + etcd,
                                 os.path.join(self.dir, "logs", "render.log"), env=world.clean_env())
         self.render_proc.start()
         self.procs["render"] = self.render_proc
         self.h.add("action", on="render", target="render", do="start", fault=0)
+
+    def reload_cmd(self, pid):
+        """`kill -USR2 PID` with --raw-reload; by default the same signal
+        through haproxy-reload, which waits for the reload to happen (a
+        SIGUSR2 that lands while HAProxy still reloads is lost)."""
+        if self.args.raw_reload:
+            return "kill -USR2 %d" % pid
+        return "%s %s %d" % (os.path.join(HERE, "haproxy-reload"), self.master_sock, pid)
 
     # --- faults --------------------------------------------------------------
 
@@ -467,8 +476,11 @@ class Campaign:
                 out = world.master_cli(self.master_sock, "@1 show servers state web", timeout=0.5)
                 lines = [l.split() for l in out.splitlines() if l and not l.startswith("#")]
                 servers = sorted(l[3] for l in lines if len(l) > 4 and l[1] == "web")
-                if out.strip().startswith("1") or lines:
+                # A change counts once two samples in a row agree: mid-reload
+                # the CLI can answer for a worker with no servers yet.
+                if (out.strip().startswith("1") or lines) and servers == last.get("_hap_prev"):
                     self._changed(last, "haproxy", servers=servers)
+                last["_hap_prev"] = servers
             except OSError:
                 pass
             try:

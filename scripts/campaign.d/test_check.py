@@ -189,8 +189,13 @@ class CheckerTest(unittest.TestCase):
         self.assertEqual(h.kinds(), ["rss"])
         h = H().act(10, "backend", "web-1", "up").act(35, "backend", "web-1", "up")
         for i in range(50):
-            h.add(5 + i, "res", proc="sk-web-1", pid=7, rss_kb=5000, fds=12 if i < 30 else 15)
+            h.add(5 + i, "res", proc="sk-web-1", pid=7, rss_kb=5000, fds=12 if i < 30 else 15)  # 2 endpoints more: 14
         self.assertEqual(h.kinds(), ["fds"])
+        # a connection to each other endpoint is no leak
+        h = H().act(10, "backend", "web-1", "up").act(35, "backend", "web-1", "up")
+        for i in range(50):
+            h.add(5 + i, "res", proc="sk-web-1", pid=7, rss_kb=5000, fds=12 if i < 30 else 14)
+        self.assertEqual(h.kinds(), [])
 
     def test_failed_requests_with_nothing_to_excuse_them_are_violations(self):
         h = H().add(30, "req", n=5, srv=None, status=503, err=None, dt=0.01)
