@@ -434,6 +434,8 @@ class Campaign:
                     counter += 1
                     todo = [("/foreign/counter", str(counter))]
                 for k, v in todo:
+                    # Said before it is sent: a put that times out may still land.
+                    self.h.add("foreign_intent", key=k, value=v)
                     w = etcd_call(host, "/v3/kv/put", {"key": b64(k), "value": b64(v)}, timeout=1.0)
                     self.h.add("foreign", key=k, value=v, rev=int(w["header"]["revision"]),
                                cluster=w["header"]["cluster_id"])

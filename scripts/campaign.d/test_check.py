@@ -134,6 +134,10 @@ class CheckerTest(unittest.TestCase):
         h.kv(20, "/foreign/a", "2")
         h.add(20, "foreign", key="/foreign/a", value="2", rev=h.rev, cluster="c")
         self.assertNotIn("foreign", h.kinds())
+        # the writer's own put that timed out on its side and landed
+        h = H().add(19.9, "foreign_intent", key="/foreign/a", value="3")
+        h.kv(20, "/foreign/a", "3")
+        self.assertNotIn("foreign", h.kinds())
 
     def test_a_healthy_instance_without_its_key_is_a_violation(self):
         self.assertIn("registered", H().kv(20, KEY).kinds())
