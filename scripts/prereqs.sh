@@ -37,9 +37,15 @@ missing_prereqs() {
   local include="${PROTOBUF_INCLUDE:-/usr/include}"
   command -v protoc >/dev/null 2>&1 || echo protobuf-compiler
   [ -f "$include/google/protobuf/descriptor.proto" ] || echo libprotobuf-dev
-  command -v etcd >/dev/null 2>&1 || echo etcd-server
-  command -v etcdctl >/dev/null 2>&1 || echo etcd-client
+  if [ "${PREREQS_FOR:-test}" != package ]; then
+    command -v etcd >/dev/null 2>&1 || echo etcd-server
+    command -v etcdctl >/dev/null 2>&1 || echo etcd-client
+  fi
   case "${PREREQS_FOR:-test}" in
+    package)
+      command -v dpkg-deb >/dev/null 2>&1 || echo dpkg
+      command -v lintian >/dev/null 2>&1 || echo lintian
+      ;;
     test)
       command -v haproxy >/dev/null 2>&1 || echo haproxy
       command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || echo nginx

@@ -1,8 +1,9 @@
-//! End to end with a real HAProxy: two sidekicks keep two backends in etcd,
-//! `examples/haproxy/render` turns `sidekick list` into an HAProxy
-//! configuration, and HAProxy (master-worker mode, reloaded through its
-//! master socket as `systemctl reload` would) sends traffic only to the
-//! backends whose keys exist.
+//! End to end with a real HAProxy: sidekicks keep backends in etcd, a
+//! long-lived `sidekick render` turns the keys into an HAProxy
+//! configuration (checked with `haproxy -c`), and HAProxy (master-worker
+//! mode, reloaded by render's reload command, SIGUSR2 to its master as
+//! `systemctl reload` sends it) sends traffic only to the backends whose
+//! keys exist.
 //!
 //! Which backend answered a proxied request is told two ways: an unhealthy
 //! backend answers 503 to every request, so a 200 through HAProxy cannot
@@ -14,25 +15,19 @@
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tempfile::TempDir;
-
 use crate::harness::bounds::*;
 use crate::harness::*;
+use crate::proxies::{failing_instance, rolling_update, Proxy, Rendered, PREFIX, UPSTREAMS};
 
-const PREFIX: &str = "/services/web/";
 /// Requests sent through HAProxy in each phase.
 const REQUESTS: u64 = 40;
 /// What HAProxy logs, before it exits, when a port it should listen on is
 /// taken.
 const BIND_FAILED: &str = "cannot bind socket";
-/// How many times HAProxy is started again on a fresh port after its
-/// frontend port was taken.
-const PORT_RETRIES: usize = 5;
 
 /// The `haproxy` binary, or a failure that says how to get it.
 pub(crate) fn haproxy_bin() -> PathBuf {
@@ -49,82 +44,107 @@ pub(crate) fn haproxy_bin() -> PathBuf {
         })
 }
 
-/// Runs `examples/haproxy/render PREFIX CFG --endpoints EPS` with the
-/// frontend on `port` and the stats socket in `dir`.
-fn render(cfg: &Path, dir: &Path, port: u16, endpoints: &str) -> String {
-    render_prefix(PREFIX, cfg, dir, port, endpoints)
-}
+/// The tests' HAProxy template: master-worker, the frontend on loopback,
+/// one `server` per key under the prefix, named after the key's last
+/// segment, and the headers that tell which configuration answered (see
+/// `proxies`). HAProxy's own health checks and retries on another server
+/// are off, so only the rendered server list decides where traffic goes,
+/// and a request sent to an instance that is gone fails.
+const TEMPLATE: &str = r#"# Rendered by sidekick render from the keys under @PREFIX@; edits are overwritten.
+global
+    master-worker
+    maxconn 1024
 
-/// [`render`] for the keys under `prefix`.
-pub(crate) fn render_prefix(prefix: &str, cfg: &Path, dir: &Path, port: u16, endpoints: &str) -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/haproxy/render");
-    let mut cmd = Command::new("bash");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SIDEKICK_") || k.starts_with("ETCDCTL_") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    for k in ["SERVER_OPTS", "HAPROXY_CHECK"] {
-        cmd.env_remove(k);
-    }
-    let out = cmd
-        .arg(script)
-        .arg(prefix)
-        .arg(cfg)
-        .args(["--endpoints", endpoints])
-        .env("SIDEKICK", env!("CARGO_BIN_EXE_sidekick"))
-        .env("SIDEKICK_ENV_FILE", "/nonexistent/etcd.environment")
-        .env("FRONTEND_ADDR", "127.0.0.1")
-        .env("FRONTEND_PORT", port.to_string())
-        .env("STATS_SOCKET", dir.join("stats.sock"))
-        .env("MASTER_WORKER", "1")
-        // The backend `servers` reads, whatever the prefix.
-        .env("BACKEND_NAME", "web")
-        .stdin(Stdio::null())
-        .output()
-        .expect("bash runs examples/haproxy/render");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "render failed ({}):\n{stderr}", out.status);
-    std::fs::read_to_string(cfg).unwrap()
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 5s
+    timeout server 5s
+    timeout http-request 5s
+
+frontend web_in
+    bind 127.0.0.1:@PORT@
+    default_backend web
+
+backend web
+    balance roundrobin
+    http-response set-header X-Worker %pid
+    http-response set-header X-Upstreams "@UPSTREAMS@"
+{% for kv in gets("@PREFIX@*") %}    server {{ kv.key|base }} {{ kv.value|addr }}
+{% else %}    # no keys under @PREFIX@: every request gets 503
+{% endfor %}"#;
+
+/// render's reload command for HAProxy: SIGUSR2 to the master, then wait
+/// until the master answers on its CLI with a new worker. HAProxy 2.6's
+/// master loses a SIGUSR2 that comes while it still starts up again after
+/// the last one (a few of a thousand reloads back to back), so a command
+/// that returned at once could have its reload lost to the next.
+const RELOAD: &str = r#"#!/usr/bin/env bash
+set -euo pipefail
+# The master's current worker, from `show proc` on its CLI (`quit`: the
+# CLI closes once it has answered); none while it does not answer.
+current() {
+  { exec 3<>/dev/tcp/127.0.0.1/@CLI@ && printf 'show proc; quit\n' >&3 && timeout @IO@ cat <&3; } 2>/dev/null |
+    awk '$2 == "worker" { print $1; exit }'
 }
+before=$(current || true)
+kill -USR2 @PID@
+for ((i = 0; i < @TRIES@; i++)); do
+  now=$(current || true)
+  [ -n "$now" ] && [ "$now" != "$before" ] && exit 0
+  sleep @POLL@
+done
+echo "haproxy did not start a new worker within @LIMIT@ s" >&2
+exit 1
+"#;
 
 /// An HAProxy master process we started, with its workers; stopped on drop.
 pub(crate) struct Haproxy {
     child: Option<Child>,
-    master: PathBuf,
+    /// The port of its master CLI.
+    cli: u16,
     log: PathBuf,
     pub(crate) port: u16,
 }
 
-impl Haproxy {
-    /// `haproxy -W -S DIR/master.sock -f CFG`, in the foreground, with its
-    /// frontend on a fresh port for which `render(port)` has written CFG;
-    /// waits until a worker serves the frontend. The port is free when
-    /// [`free_port`] picks it, not necessarily when HAProxy binds it: when
-    /// another process took it meanwhile, HAProxy exits saying so, and it is
-    /// started again on another port, as the harness's etcd is.
-    pub(crate) async fn start(bin: &Path, cfg: &Path, dir: &Path, mut render: impl FnMut(u16)) -> Haproxy {
-        for attempt in 1..=PORT_RETRIES {
-            let port = free_port();
-            render(port);
-            match Self::spawn(bin, cfg, dir, port).await {
-                Ok(h) => return h,
-                Err(log) => eprintln!("haproxy start {attempt}: port {port} was taken, trying another:\n{log}"),
-            }
-        }
-        panic!("haproxy found its port taken {PORT_RETRIES} times in a row");
+impl Proxy for Haproxy {
+    const CONFIG: &'static str = "haproxy.cfg";
+    const READY: Duration = HAPROXY;
+
+    fn template(prefix: &str, port: u16, _dir: &Path) -> String {
+        TEMPLATE
+            .replace("@UPSTREAMS@", UPSTREAMS)
+            .replace("@PREFIX@", prefix)
+            .replace("@PORT@", &port.to_string())
     }
 
-    /// One start on `port`: `Err` with HAProxy's log when it exited because
-    /// the port was taken; any other exit, or no worker serving within
-    /// [`HAPROXY`], fails the test.
-    async fn spawn(bin: &Path, cfg: &Path, dir: &Path, port: u16) -> Result<Haproxy, String> {
-        let master = dir.join("master.sock");
+    fn check_cmd(_dir: &Path) -> String {
+        format!("{} -c -f {{{{src}}}}", haproxy_bin().display())
+    }
+
+    fn reload_cmd(&self, dir: &Path) -> String {
+        let script = dir.join("reload-haproxy");
+        let text = RELOAD
+            .replace("@CLI@", &self.cli.to_string())
+            .replace("@IO@", &IO.as_secs().to_string())
+            .replace("@PID@", &self.pid().to_string())
+            .replace("@TRIES@", &(HAPROXY.as_millis() / POLL.as_millis()).to_string())
+            .replace("@POLL@", &POLL.as_secs_f64().to_string())
+            .replace("@LIMIT@", &HAPROXY.as_secs().to_string());
+        std::fs::write(&script, text).unwrap();
+        format!("bash {}", script.display())
+    }
+
+    /// `haproxy -W -S ipv4@127.0.0.1:CLI -f CFG`, in the foreground; waits
+    /// until a worker serves the frontend. The master CLI listens on TCP
+    /// for the reload command, a shell script.
+    async fn spawn(cfg: &Path, dir: &Path, port: u16) -> Result<Haproxy, String> {
+        let cli = free_port();
         let log = dir.join("haproxy.log");
-        let child = Command::new(bin)
+        let child = Command::new(haproxy_bin())
             .arg("-W")
             .arg("-S")
-            .arg(&master)
+            .arg(format!("ipv4@127.0.0.1:{cli}"))
             .arg("-f")
             .arg(cfg)
             .stdin(Stdio::null())
@@ -134,7 +154,7 @@ impl Haproxy {
             .expect("haproxy starts");
         let mut h = Haproxy {
             child: Some(child),
-            master,
+            cli,
             log,
             port,
         };
@@ -149,30 +169,40 @@ impl Haproxy {
         .await;
         if let Some(st) = h.child.as_mut().unwrap().try_wait().unwrap() {
             h.child = None;
-            let log = h.log();
+            let log = Proxy::log(&h);
             if log.contains(BIND_FAILED) {
                 return Err(log);
             }
             panic!("haproxy exited ({st}):\n{log}");
         }
-        assert!(settled, "haproxy did not start serving on {port}:\n{}", h.log());
+        assert!(settled, "haproxy did not start serving on {port}:\n{}", Proxy::log(&h));
         Ok(h)
     }
 
-    pub(crate) fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+    fn port(&self) -> u16 {
+        self.port
     }
 
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("haproxy runs").id()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Haproxy {
     fn assert_alive(&mut self) {
         if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-            panic!("haproxy exited ({st}):\n{}", self.log());
+            panic!("haproxy exited ({st}):\n{}", Proxy::log(self));
         }
     }
 
     /// One command on the master CLI; `None` while the master does not
     /// answer (it re-executes itself on reload).
     pub(crate) fn cli(&self, command: &str) -> Option<String> {
-        master_cli(&self.master, command)
+        master_cli(self.cli, command)
     }
 
     /// PIDs of the workers, current and old, from `show proc`.
@@ -206,7 +236,7 @@ impl Haproxy {
         assert!(
             done,
             "haproxy did not replace workers {old:?} within {HAPROXY:?}:\n{}",
-            self.log()
+            Proxy::log(self)
         );
     }
 
@@ -215,12 +245,28 @@ impl Haproxy {
         let out = self.cli(SHOW_SERVERS).expect("the master CLI answers");
         parse_servers(&out).unwrap_or_else(|| panic!("no header in 'show servers state':\n{out}"))
     }
+
+    /// [`Haproxy::servers`], `None` while HAProxy does not tell (the master
+    /// re-executes itself on reload, a new worker starts).
+    pub(crate) fn servers_now(&self) -> Option<BTreeSet<(String, String)>> {
+        parse_servers(&self.cli(SHOW_SERVERS)?)
+    }
+
+    /// Waits up to `limit` until a single worker runs, with the servers
+    /// `want`: a reload has run and its old workers have exited.
+    pub(crate) async fn settles_on(&self, want: &BTreeSet<(String, String)>, limit: Duration) -> bool {
+        eventually(limit, || {
+            let ok = self.workers().is_some_and(|w| w.len() == 1) && self.servers_now().as_ref() == Some(want);
+            async move { ok }
+        })
+        .await
+    }
 }
 
-/// One command on the master CLI at `master`; `None` while the master does
-/// not answer (it re-executes itself on reload).
-fn master_cli(master: &Path, command: &str) -> Option<String> {
-    let mut s = UnixStream::connect(master).ok()?;
+/// One command on the master CLI on port `cli`; `None` while the master
+/// does not answer (it re-executes itself on reload).
+fn master_cli(cli: u16, command: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", cli)).ok()?;
     s.set_read_timeout(Some(IO)).ok()?;
     s.set_write_timeout(Some(IO)).ok()?;
     s.write_all(format!("{command}\n").as_bytes()).ok()?;
@@ -233,13 +279,6 @@ fn master_cli(master: &Path, command: &str) -> Option<String> {
 
 /// What lists the servers of backend `web` in the running worker.
 const SHOW_SERVERS: &str = "@1 show servers state web";
-
-/// The servers of backend `web` in the running worker of the HAProxy whose
-/// master CLI is at `master`: (name, addr:port); `None` while it does not
-/// tell (the master re-executes itself on reload, a new worker starts).
-pub(crate) fn servers_at(master: &Path) -> Option<BTreeSet<(String, String)>> {
-    parse_servers(&master_cli(master, SHOW_SERVERS)?)
-}
 
 /// The (name, addr:port) rows of a `show servers state` answer; `None`
 /// without its header.
@@ -322,7 +361,6 @@ fn both(addrs: &[String; 2]) -> BTreeSet<(String, String)> {
 
 #[tokio::test]
 async fn haproxy_routes_only_to_healthy_instances_through_render_and_reload() {
-    let bin = haproxy_bin();
     let etcd = Etcd::start().await;
     let eps = etcd.endpoints();
     let b = [Backend::start(), Backend::start()];
@@ -345,21 +383,17 @@ async fn haproxy_routes_only_to_healthy_instances_through_render_and_reload() {
         );
     }
 
-    let dir: TempDir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("haproxy.cfg");
-    let mut haproxy = Haproxy::start(&bin, &cfg, dir.path(), |port| {
-        render(&cfg, dir.path(), port, &eps);
-    })
-    .await;
+    let lb = Rendered::<Haproxy>::start(&etcd, PREFIX).await;
+    let haproxy = &lb.proxy;
     let port = haproxy.port;
-    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = lb.rendered();
     assert!(text.contains("master-worker"), "{text}");
     assert_eq!(haproxy.servers(), both(&addrs), "rendered:\n{text}");
 
     // Both healthy: round-robin gives each about half, far beyond what
     // probes could explain.
     let up = burst(port, [&b[0], &b[1]], gap);
-    assert!(up.bad.is_empty(), "{up:?}\n{}", haproxy.log());
+    assert!(up.bad.is_empty(), "{up:?}\n{}", lb.report());
     for i in 0..2 {
         assert!(
             up.hits[i] >= up.probe_bound + REQUESTS / 4,
@@ -377,17 +411,18 @@ async fn haproxy_routes_only_to_healthy_instances_through_render_and_reload() {
         logs()
     );
     assert!(key_becomes(&c, keys[1], Some(&addrs[1]), SOON).await, "{}", logs());
-    let text = render(&cfg, dir.path(), port, &eps);
-    assert!(!text.contains(&addrs[0]), "{text}");
-    haproxy.reload().await;
-    assert_eq!(
-        haproxy.servers(),
-        [("2".to_string(), addrs[1].clone())].into(),
-        "rendered:\n{text}"
+    // render installs the file without it and signals HAProxy, which
+    // starts a worker on it and lets the old one finish.
+    let only_2 = [("2".to_string(), addrs[1].clone())].into();
+    assert!(
+        haproxy.settles_on(&only_2, RENDER_REACTS + HAPROXY).await,
+        "haproxy did not come to run with backend 2 alone\n{}",
+        lb.report()
     );
+    assert!(!lb.rendered().contains(&addrs[0]), "{}", lb.report());
     let down = burst(port, [&b[0], &b[1]], gap);
     // Backend 1 answers 503 to everything now: every 200 came from backend 2.
-    assert!(down.bad.is_empty(), "{down:?}\n{}", haproxy.log());
+    assert!(down.bad.is_empty(), "{down:?}\n{}", lb.report());
     assert!(
         down.hits[0] <= down.probe_bound,
         "backend 1 got more than its probes: {down:?}"
@@ -401,11 +436,13 @@ async fn haproxy_routes_only_to_healthy_instances_through_render_and_reload() {
         "the recovered backend's key did not return\n{}",
         logs()
     );
-    let text = render(&cfg, dir.path(), port, &eps);
-    haproxy.reload().await;
-    assert_eq!(haproxy.servers(), both(&addrs), "rendered:\n{text}");
+    assert!(
+        haproxy.settles_on(&both(&addrs), RENDER_REACTS + HAPROXY).await,
+        "haproxy did not come to run with both backends again\n{}",
+        lb.report()
+    );
     let again = burst(port, [&b[0], &b[1]], gap);
-    assert!(again.bad.is_empty(), "{again:?}\n{}", haproxy.log());
+    assert!(again.bad.is_empty(), "{again:?}\n{}", lb.report());
     for i in 0..2 {
         assert!(
             again.hits[i] >= again.probe_bound + REQUESTS / 4,
@@ -413,4 +450,14 @@ async fn haproxy_routes_only_to_healthy_instances_through_render_and_reload() {
             i + 1
         );
     }
+}
+
+#[tokio::test]
+async fn haproxy_replaces_instances_one_by_one_under_load_dropping_no_request() {
+    rolling_update::<Haproxy>().await;
+}
+
+#[tokio::test]
+async fn haproxy_sends_nothing_to_a_failing_instance_once_render_reloaded_it() {
+    failing_instance::<Haproxy>().await;
 }

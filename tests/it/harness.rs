@@ -116,6 +116,16 @@ pub mod bounds {
     /// machine.
     pub const HAPROXY: Duration = Duration::from_secs(30);
 
+    /// nginx started until its worker serves, or signalled to reload until
+    /// only workers on the new configuration remain: as [`HAPROXY`].
+    pub const NGINX: Duration = Duration::from_secs(30);
+
+    /// A change in etcd until `sidekick render` (without `wait`) has
+    /// installed the new file and run its reload command: a watch event, a
+    /// rendering, the check command (a proxy parsing its configuration, a
+    /// process started on a busy machine) and the reload command.
+    pub const RENDER_REACTS: Duration = Duration::from_secs(30);
+
     /// A cluster that lost its leader elects another: a few election
     /// timeouts (1 s each, etcd's default) on a loaded machine.
     pub const ELECTION: Duration = Duration::from_secs(20);

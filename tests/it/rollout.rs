@@ -5,10 +5,10 @@
 //!
 //! The layout is the seed's: the sidekick of instance N keeps
 //! `/services/web/hosts/N = 127.0.0.1:PORT` and the shared keys
-//! `/services/web/scheme` and `/services/web/host_port`. On every change
-//! under `/services/web/hosts/` the test renders the HAProxy configuration
-//! with `examples/haproxy/render` and reloads HAProxy through its master
-//! socket, as confd would. The script's start and stop commands are a small
+//! `/services/web/scheme` and `/services/web/host_port`. A long-lived
+//! `sidekick render` follows `/services/web/hosts/`: on every change it
+//! renders the HAProxy configuration, checks it with `haproxy -c`, installs
+//! it and reloads HAProxy with SIGUSR2 to its master. The script's start and stop commands are a small
 //! bash client of a control socket of the test, which plays systemd: `web@N`
 //! is an HTTP server in the test that names itself in every answer,
 //! `web_presence@N` a `sidekick run` process, and a stop returns once the
@@ -23,15 +23,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{EventType, GetOptions, WatchOptions};
-use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::haproxy::{get_through, haproxy_bin, render_prefix, servers_at, Haproxy};
+use crate::haproxy::{get_through, Haproxy};
 use crate::harness::bounds::*;
 use crate::harness::*;
+use crate::proxies::Rendered;
 
 const HOSTS: &str = "/services/web/hosts/";
 /// The sidekicks' `--drain`: time for a re-render and a reload, with room.
@@ -236,6 +235,8 @@ struct Sample {
 /// What one rollout did.
 struct Rollout {
     out: Output,
+    /// render's reloads of HAProxy before the rollout began.
+    reloads_before: Option<u64>,
     started: Instant,
     took: Duration,
     ended: Instant,
@@ -255,36 +256,28 @@ impl Rollout {
     }
 }
 
-/// etcd, HAProxy fed by `render` on every change, and instances 1 to 3
+/// etcd, HAProxy kept by `sidekick render`, and instances 1 to 3
 /// registered by their sidekicks.
 struct Stage {
     etcd: Etcd,
-    dir: TempDir,
     units: Arc<Mutex<Units>>,
     unitctl: PathBuf,
     events: Events,
     done: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
-    /// Gives back HAProxy, and when each reload started and how long it took.
-    reloader: JoinHandle<(Haproxy, Vec<(Instant, Duration)>)>,
+    lb: Rendered<Haproxy>,
     port: u16,
 }
 
 impl Stage {
     async fn start(never_healthy: &[&str]) -> Stage {
-        let bin = haproxy_bin();
         let etcd = Etcd::start().await;
         let eps = etcd.endpoints();
-        let dir = tempfile::tempdir().unwrap();
         // HAProxy first, with no instance yet: its frontend port (another
         // one when the first it tried was taken) is known before the
         // sidekicks publish it as /services/web/host_port.
-        let cfg = dir.path().join("haproxy.cfg");
-        let mut haproxy = Haproxy::start(&bin, &cfg, dir.path(), |port| {
-            render_prefix(HOSTS, &cfg, dir.path(), port, &eps);
-        })
-        .await;
-        let port = haproxy.port;
+        let lb = Rendered::<Haproxy>::start(&etcd, HOSTS).await;
+        let port = lb.proxy.port;
         let done = CancellationToken::new();
         let units = Arc::new(Mutex::new(Units {
             eps: eps.clone(),
@@ -297,7 +290,7 @@ impl Stage {
             at_first_stop: None,
         }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let unitctl = dir.path().join("unitctl");
+        let unitctl = lb.dir.path().join("unitctl");
         let ctl_port = listener.local_addr().unwrap().port().to_string();
         let script = UNITCTL
             .replace("PORT", &ctl_port)
@@ -305,15 +298,14 @@ impl Stage {
         std::fs::write(&unitctl, script).unwrap();
         let mut tasks = vec![tokio::spawn(control(listener, units.clone(), done.clone()))];
 
-        // Every change under HOSTS is recorded, and wakes the reloader.
+        // Every change under HOSTS is recorded.
         let events: Events = Default::default();
-        let changed = Arc::new(Notify::new());
         let mut c = etcd.client(0).await;
         let mut stream = c.watch(HOSTS, Some(WatchOptions::new().with_prefix())).await.unwrap();
         // The watch is in place once etcd says it was created.
         let created = stream.message().await.unwrap().unwrap();
         assert!(created.created(), "{created:?}");
-        let (ev, ch, d) = (events.clone(), changed.clone(), done.clone());
+        let (ev, d) = (events.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             loop {
                 let msg = tokio::select! {
@@ -327,7 +319,6 @@ impl Stage {
                     let n = kv.key_str().unwrap().trim_start_matches(HOSTS).to_string();
                     ev.lock().unwrap().push((now, n, e.event_type() == EventType::Put));
                 }
-                ch.notify_one();
             }
         }));
 
@@ -340,40 +331,23 @@ impl Stage {
             let ok = key_becomes(&c, &format!("{HOSTS}{n}"), Some(&addr(&units, n)), limit).await;
             assert!(ok, "instance {n} never registered:\n{}", sidekick_logs(&units));
         }
-        render_prefix(HOSTS, &cfg, dir.path(), port, &eps);
-        haproxy.reload().await;
+        // render follows the registrations, checks, installs and reloads.
         let want: BTreeSet<_> = ["1", "2", "3"].map(|n| (n.to_string(), addr(&units, n))).into();
-        assert_eq!(haproxy.servers(), want);
+        assert!(
+            lb.proxy.settles_on(&want, RENDER_REACTS + HAPROXY).await,
+            "haproxy did not come to run with instances 1 to 3\n{}",
+            lb.report()
+        );
         // From here on the log holds the script's commands only.
         units.lock().unwrap().log.clear();
-
-        let (d, root) = (done.clone(), dir.path().to_path_buf());
-        let reloader = tokio::spawn(async move {
-            let mut reloads = Vec::new();
-            loop {
-                tokio::select! {
-                    _ = changed.notified() => {}
-                    _ = d.cancelled() => return (haproxy, reloads),
-                }
-                assert!(reloads.len() < 100, "more reloads than the rollouts make changes");
-                let start = Instant::now();
-                let (cfg, root, eps) = (cfg.clone(), root.clone(), eps.clone());
-                tokio::task::spawn_blocking(move || render_prefix(HOSTS, &cfg, &root, port, &eps))
-                    .await
-                    .unwrap();
-                haproxy.reload().await;
-                reloads.push((start, start.elapsed()));
-            }
-        });
         Stage {
             etcd,
-            dir,
             units,
             unitctl,
             events,
             done,
             tasks,
-            reloader,
+            lb,
             port,
         }
     }
@@ -414,6 +388,7 @@ impl Stage {
             .env("SIDEKICK_ENDPOINTS", self.etcd.endpoints())
             .env("SIDEKICK_ENV_FILE", "/nonexistent/etcd.environment")
             .stdin(Stdio::null());
+        let reloads_before = self.lb.reloads();
         let start = Instant::now();
         let out = tokio::task::spawn_blocking(move || cmd.output().expect("bash runs the rollout script"))
             .await
@@ -436,6 +411,7 @@ impl Stage {
         );
         Rollout {
             out,
+            reloads_before,
             started: start,
             took,
             ended,
@@ -480,9 +456,8 @@ impl Stage {
     /// rollout ends. Whether they did is asserted by the test.
     async fn settled(&self, want: &BTreeMap<String, String>, ns: &[&str]) {
         let servers: BTreeSet<_> = ns.iter().map(|n| (n.to_string(), addr(&self.units, n))).collect();
-        let master = self.dir.path().join("master.sock");
-        eventually(HAPROXY, || async {
-            self.keys().await == *want && servers_at(&master).is_some_and(|s| s == servers)
+        eventually(RENDER_REACTS + HAPROXY, || async {
+            self.keys().await == *want && self.lb.proxy.servers_now().is_some_and(|s| s == servers)
         })
         .await;
     }
@@ -521,15 +496,14 @@ impl Stage {
         self.units.lock().unwrap().at_first_stop.clone()
     }
 
-    /// Stops the watcher, the reloader and the control socket; returns
-    /// HAProxy and its reloads.
-    async fn finish(self) -> (Haproxy, Vec<(Instant, Duration)>, TempDir) {
+    /// Stops the watcher and the control socket; returns HAProxy with its
+    /// render.
+    async fn finish(self) -> Rendered<Haproxy> {
         self.done.cancel();
         for t in self.tasks {
             t.await.unwrap();
         }
-        let (haproxy, reloads) = self.reloader.await.unwrap();
-        (haproxy, reloads, self.dir)
+        self.lb
     }
 }
 
@@ -603,12 +577,8 @@ fn unit_commands(new: &[&str], stops: &[&str]) -> Vec<String> {
 }
 
 /// Prints what a rollout did, for the README's figures.
-fn figures(what: &str, r: &Rollout, reloads: &[(Instant, Duration)]) {
-    let reloads: Vec<Duration> = reloads
-        .iter()
-        .filter(|(at, _)| *at >= r.started)
-        .map(|(_, took)| *took)
-        .collect();
+fn figures(what: &str, r: &Rollout, lb: &Rendered<Haproxy>) {
+    let reloads = lb.reloads().zip(r.reloads_before).map(|(after, before)| after - before);
     let by: BTreeMap<&str, usize> = r.samples.iter().fold(BTreeMap::new(), |mut m, s| {
         if let Ok(n) = &s.answer {
             *m.entry(n.as_str()).or_default() += 1;
@@ -617,13 +587,11 @@ fn figures(what: &str, r: &Rollout, reloads: &[(Instant, Duration)]) {
     });
     let slowest = r.samples.iter().map(|s| s.end - s.start).max().unwrap_or_default();
     println!(
-        "{what}: {} requests, {} failed, rollout took {:.1}s, {} reloads meanwhile (longest {} ms), \
+        "{what}: {} requests, {} failed, rollout took {:.1}s, {reloads:?} reloads by render meanwhile, \
          slowest request {} ms, answered by instance {by:?}",
         r.samples.len(),
         r.failures().len(),
         r.took.as_secs_f64(),
-        reloads.len(),
-        reloads.iter().max().copied().unwrap_or_default().as_millis(),
         slowest.as_millis(),
     );
 }
@@ -643,8 +611,8 @@ async fn rolling_update_through_haproxy_drops_no_request() {
     let want_keys = stage.want_keys(&["4", "5", "6"]);
     let new_addrs: BTreeSet<_> = ["4", "5", "6"].map(|n| (n.to_string(), addr(&stage.units, n))).into();
     let logs = sidekick_logs(&stage.units);
-    let (haproxy, reloads, _dir) = stage.finish().await;
-    figures("rolling update", &r, &reloads);
+    let lb = stage.finish().await;
+    figures("rolling update", &r, &lb);
 
     assert_eq!(r.out.status.code(), Some(0), "rollout failed:\n{stderr}\n{logs}");
     let failures = r.failures();
@@ -654,7 +622,7 @@ async fn rolling_update_through_haproxy_drops_no_request() {
         failures.len(),
         r.samples.len(),
         &failures[..failures.len().min(10)],
-        haproxy.log()
+        lb.report()
     );
     assert!(
         unregistered.is_empty(),
@@ -671,7 +639,7 @@ async fn rolling_update_through_haproxy_drops_no_request() {
         "instances registered when the first stop came: {at_first_stop:?}"
     );
     assert_eq!(keys, want_keys);
-    assert_eq!(haproxy.servers(), new_addrs);
+    assert_eq!(lb.proxy.servers(), new_addrs);
     // Traffic really moved: both generations answered, and only the new
     // one once the rollout was over.
     let answered = |n: &str| r.samples.iter().any(|s| s.answer.as_deref() == Ok(n));
@@ -706,8 +674,8 @@ async fn failed_rollout_leaves_the_old_instances_serving() {
         (running, u.sidekicks.keys().cloned().collect::<BTreeSet<_>>())
     };
     let new_ever_registered = stage.events.lock().unwrap().iter().any(|(_, n, _)| n.as_str() > "3");
-    let (haproxy, reloads, _dir) = stage.finish().await;
-    figures("failed rollout", &r, &reloads);
+    let lb = stage.finish().await;
+    figures("failed rollout", &r, &lb);
 
     assert_eq!(r.out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -745,7 +713,7 @@ async fn failed_rollout_leaves_the_old_instances_serving() {
     assert_eq!(running, ["1", "2", "3"].map(String::from).into());
     assert_eq!(sidekicks, ["1", "2", "3"].map(String::from).into());
     assert_eq!(keys, want_keys);
-    assert_eq!(haproxy.servers(), old_addrs);
+    assert_eq!(lb.proxy.servers(), old_addrs);
 }
 
 /// A reload through the master socket hands the listening socket from the
@@ -762,11 +730,12 @@ async fn haproxy_reloads_under_load_drop_no_request() {
             std::thread::spawn(move || load(port, &stop, &sent))
         })
         .collect();
-    // The instances live on; only the reloader stops, to leave HAProxy to us.
+    // The instances live on, and render has nothing to change: the test
+    // reloads HAProxy itself.
     let _units = stage.units.clone();
-    let (mut haproxy, _, _dir) = stage.finish().await;
+    let mut lb = stage.finish().await;
     for _ in 0..RELOADS {
-        haproxy.reload().await;
+        lb.proxy.reload().await;
     }
     let enough = eventually(LOAD, || async { sent.load(Ordering::SeqCst) >= MIN_REQUESTS }).await;
     stop.store(true, Ordering::SeqCst);
@@ -784,7 +753,7 @@ async fn haproxy_reloads_under_load_drop_no_request() {
         failed.len(),
         samples.len(),
         &failed[..failed.len().min(10)],
-        haproxy.log()
+        lb.report()
     );
 }
 

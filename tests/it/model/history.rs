@@ -168,3 +168,46 @@ async fn a_watch_from_the_compaction_point_has_no_deletions_of_it() {
         "in the order written"
     );
 }
+
+/// The span over several prefixes that `render` watches: reads, deletes
+/// and a watch from a revision see the same keys in etcd and the model,
+/// the span's end excluded.
+#[tokio::test]
+async fn a_span_reads_deletes_and_watches_alike() {
+    let mut p = Pair::start().await;
+    let span = Range::covering(&["s/web/".to_string(), "s/api/".to_string()]);
+    p.txn(txn(vec![put("s/api/1", "a")])).await.unwrap(); // 2
+    p.txn(txn(vec![put("s/db/1", "d"), put("s/web/1", "w")])).await.unwrap(); // 3
+    p.txn(txn(vec![put("s/web0", "past the end"), put("s/ap", "before")]))
+        .await
+        .unwrap(); // 4
+    let r = p.txn(txn(vec![Op::get(span.clone())])).await.unwrap();
+    let got: Vec<String> = match &r.results[0] {
+        etcd_sidekick::registry::OpResult::Get { kvs, .. } => kvs.iter().map(|kv| kv.key.clone()).collect(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(got, ["s/api/1", "s/db/1", "s/web/1"]);
+    let mut w = p.watch(std::slice::from_ref(&span), 2, false).await;
+    let revs = |events: &[Event]| {
+        events
+            .iter()
+            .map(|e| (e.kv.key.clone(), e.kv.mod_revision))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        revs(&w.events().await),
+        [
+            ("s/api/1".to_string(), 2),
+            ("s/db/1".to_string(), 3),
+            ("s/web/1".to_string(), 3)
+        ]
+    );
+    p.txn(txn(vec![Op::Delete(span.clone())])).await.unwrap(); // 5
+    let dels: Vec<(String, bool)> = w.events().await.iter().map(|e| (e.kv.key.clone(), e.put)).collect();
+    assert_eq!(dels.len(), 3, "{dels:?}");
+    assert!(dels.iter().all(|(_, put)| !put));
+    assert_eq!(
+        p.model_keys().iter().map(|k| k.key.as_str()).collect::<Vec<_>>(),
+        ["s/ap", "s/web0"]
+    );
+}
