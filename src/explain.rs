@@ -1,9 +1,9 @@
 //! `sidekick explain`: the worst-case reaction times a set of `run` flags gives, and warnings.
 //!
-//! Pure arithmetic over the validated timing. The formulas are the README's
-//! "Guarantees" table; a unit test reads that table and evaluates its
-//! formulas, so the two cannot drift, and `tests/it/guarantees.rs` measures
-//! these figures against a real etcd.
+//! Pure arithmetic over the validated timing. The formulas are the
+//! "Guarantees" table of docs/guarantees.md; a unit test reads that table
+//! and evaluates its formulas, so the two cannot drift, and
+//! `tests/it/guarantees.rs` measures these figures against a real etcd.
 
 use std::time::Duration;
 
@@ -561,10 +561,11 @@ mod tests {
         assert_eq!(none.json()["shared_keys_outlive_last_instance_s"], 15.0);
     }
 
-    // The README's "Guarantees" table is the other half of this module: its
-    // formula column and its defaults column are checked against the code.
+    // The "Guarantees" table of docs/guarantees.md is the other half of this
+    // module: its formula column and its defaults column are checked against
+    // the code.
 
-    const README: &str = include_str!("../README.md");
+    const README: &str = include_str!("../docs/guarantees.md");
 
     type Figure = fn(&Explanation) -> Option<Duration>;
 

@@ -3,7 +3,7 @@ taken from the history itself (`sidekick explain --json` for the flags in
 use, render's measured figures from /status), never from constants typed
 here, except SLACK.
 
-The invariants, from the README's Guarantees:
+The invariants, from the Guarantees (docs/guarantees.md):
   served_after_bound   no request is answered by a failed instance later
                        than its failure + the withdraw bound + the render
                        bound, while etcd has quorum, outside a settle window
@@ -109,7 +109,7 @@ class Model:
         call = ex["etcd_call_bound_s"]
         self.call = call
         self.settle_s = m["settle_s"]
-        # README, Guarantees: "F × I + T after the failure, then the
+        # Guarantees (docs/guarantees.md): "F × I + T after the failure, then the
         # withdrawal's round trip, after at most one etcd call in flight
         # plus the keep-alive, each bounded by min(D, L/3)": the round trip
         # too is given up at that bound when it hangs on a lost member.

@@ -1,5 +1,5 @@
 """scripts/campaign: a randomized fault campaign, end to end, with a checker
-built from the README's Guarantees. See docs/reliability.md.
+built from the Guarantees (docs/guarantees.md). See docs/reliability.md.
 
   campaign --duration 60s --seed N [--kinds K,K] [--out DIR]   run, check, report
   campaign --check HISTORY [--out DIR]                         check a recorded history again

@@ -1,6 +1,6 @@
-//! The README's guarantees, each measured against a real etcd with the
-//! bound that `sidekick explain` computes from the flags (its arithmetic is
-//! checked against the README's table by a unit test), through the
+//! The guarantees of docs/guarantees.md, each measured against a real etcd
+//! with the bound that `sidekick explain` computes from the flags (its
+//! arithmetic is checked against that page's table by a unit test), through the
 //! harness's [`Figures`]. The harness's `LATE` covers a busy machine; a
 //! broken guarantee misses by a TTL or more.
 

@@ -219,7 +219,7 @@ pub mod bounds {
 
 /// What a `sidekick run` command line's flags make of its timing: the
 /// figures of `sidekick explain` for the same flags (its arithmetic is
-/// checked against the README by a unit test), and the waits and windows
+/// checked against docs/guarantees.md by a unit test), and the waits and windows
 /// of the tests derived from them. Dereferences to the [`Explanation`].
 #[derive(Debug, Clone)]
 pub struct Figures(Explanation);

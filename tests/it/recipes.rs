@@ -35,7 +35,8 @@ pub(crate) fn read(path: &str) -> String {
 
 /// The documented command: from the `sh` block of `readme` holding
 /// `sidekick run`, its first line (the variables, `IP=... PORT=...`) and
-/// the command with its continuation lines, which README.md must show too.
+/// the command with its continuation lines, which docs/recipes.md must show
+/// too.
 pub(crate) fn documented(readme: &str) -> (Vec<String>, String) {
     let text = read(readme);
     let block = text
@@ -61,11 +62,11 @@ pub(crate) fn documented(readme: &str) -> (Vec<String>, String) {
     for v in &vars {
         assert!(command.contains(&format!("${v}")), "{readme}: ${v} is set but not used");
     }
-    // The project's README shows the same line; the test runs both.
-    let top = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    // The project's recipes page shows the same line; the test runs both.
+    let top = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/recipes.md")).unwrap();
     assert!(
         top.contains(&command),
-        "README.md shows another line than {readme}:\n{command}"
+        "docs/recipes.md shows another line than {readme}:\n{command}"
     );
     (vars, command)
 }

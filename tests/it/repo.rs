@@ -1,6 +1,7 @@
-//! The repository as a new user meets it: the commands the README names run
-//! from a clean clone, the prerequisite check finds what the build needs, and
-//! `rust-version` is true of the locked dependencies.
+//! The repository as a new user meets it: the commands the README and the
+//! guide under `docs/` name run from a clean clone, every relative link of
+//! the docs leads somewhere, the prerequisite check finds what the build
+//! needs, and `rust-version` is true of the locked dependencies.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -10,14 +11,48 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The `scripts/...`, `bench/...` and `examples/.../render`-like paths the
-/// README gives as commands: the first word of each line of its shell blocks,
+/// The Markdown pages of the repository: the README, the guide under
+/// `docs/`, and the READMEs of `examples/`, `units/` and `bench/`.
+fn markdown_pages() -> Vec<String> {
+    let mut pages = vec!["README.md".to_string(), "units/README.md".to_string()];
+    for dir in ["docs", "examples", "bench"] {
+        let mut stack = vec![root().join(dir)];
+        while let Some(d) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else { continue };
+            for e in entries.map(Result::unwrap) {
+                let path = e.path();
+                let name = e.file_name().to_string_lossy().into_owned();
+                if path.is_dir() {
+                    if dir == "examples" {
+                        stack.push(path);
+                    }
+                } else if (dir == "docs" && name.ends_with(".md")) || name == "README.md" {
+                    pages.push(path.strip_prefix(root()).unwrap().to_string_lossy().into_owned());
+                }
+            }
+        }
+    }
+    pages.sort();
+    pages.dedup();
+    pages
+}
+
+/// The README and the guide under `docs/`: the pages that name commands.
+fn guide_pages() -> Vec<String> {
+    markdown_pages()
+        .into_iter()
+        .filter(|p| p == "README.md" || p == "bench/README.md" || p.starts_with("docs/"))
+        .collect()
+}
+
+/// The `scripts/...`, `bench/...` and `examples/.../render`-like paths a
+/// page gives as commands: the first word of each line of its shell blocks,
 /// and every `dir/name` in backticks that is a file without an extension.
-fn readme_commands() -> Vec<String> {
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+fn commands_in(page: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(root().join(page)).unwrap();
     let mut found = Vec::new();
     let mut in_block = false;
-    for line in readme.lines() {
+    for line in text.lines() {
         if line.starts_with("```") {
             in_block = !in_block;
             continue;
@@ -34,7 +69,9 @@ fn readme_commands() -> Vec<String> {
         for w in words {
             let p = root().join(w);
             let plain = Path::new(w).extension().is_none() && w.contains('/') && !w.ends_with('/');
-            if plain && !w.starts_with('/') && p.is_file() && !found.iter().any(|f| f == w) {
+            // Build output (`target/...`) is no command of the repository's.
+            let ours = !w.starts_with('/') && !w.starts_with("target/");
+            if plain && ours && p.is_file() && !found.iter().any(|f| f == w) {
                 found.push(w.to_string());
             }
         }
@@ -45,16 +82,30 @@ fn readme_commands() -> Vec<String> {
 // Regression: bench/run was committed without its executable bit, so the
 // README's command failed with "Permission denied" from a clean clone.
 #[test]
-fn every_command_the_readme_names_is_executable() {
-    let commands = readme_commands();
-    for must in ["scripts/demo", "scripts/demo-rollout", "scripts/test", "bench/run"] {
-        assert!(commands.iter().any(|c| c == must), "README names {must}: {commands:?}");
+fn every_command_the_guide_names_is_executable() {
+    let mut commands: Vec<String> = Vec::new();
+    for page in guide_pages() {
+        let named = commands_in(&page);
+        let must: &[&str] = match page.as_str() {
+            "README.md" => &["scripts/demo", "scripts/demo-rollout", "scripts/test"],
+            "bench/README.md" => &["bench/run", "bench/agent", "bench/render", "scripts/soak"],
+            "docs/reliability.md" => &["scripts/campaign"],
+            _ => &[],
+        };
+        for m in must {
+            assert!(named.iter().any(|c| c == m), "{page} names {m}: {named:?}");
+        }
+        for c in named {
+            if !commands.contains(&c) {
+                commands.push(c);
+            }
+        }
     }
     for c in &commands {
         let mode = std::fs::metadata(root().join(c)).unwrap().permissions().mode();
         assert!(mode & 0o111 != 0, "{c} is not executable (mode {mode:o})");
-        let first = std::fs::read_to_string(root().join(c)).unwrap();
-        assert!(first.starts_with("#!"), "{c} has no #! line");
+        let first = std::fs::read(root().join(c)).unwrap();
+        assert!(first.starts_with(b"#!"), "{c} has no #! line");
     }
     // git records the bit too: a clean clone takes it from there.
     let out = Command::new("git")
@@ -67,6 +118,169 @@ fn every_command_the_readme_names_is_executable() {
             assert!(line.starts_with("100755"), "git records {line} as not executable");
         }
     }
+}
+
+/// GitHub's anchor for a heading: lowercase, punctuation dropped (`-` and
+/// `_` kept), each space a `-`.
+fn slug(heading: &str) -> String {
+    heading
+        .trim()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            '-' | '_' => Some(c),
+            c if c.is_alphanumeric() => Some(c),
+            _ => None,
+        })
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// The anchors of a Markdown page's headings, a repeated one with `-1`,
+/// `-2`, ... as GitHub numbers them.
+fn anchors(text: &str) -> Vec<String> {
+    let mut found: Vec<String> = Vec::new();
+    let mut in_block = false;
+    for line in text.lines() {
+        if line.starts_with("```") {
+            in_block = !in_block;
+            continue;
+        }
+        let hashes = line.len() - line.trim_start_matches('#').len();
+        if in_block || !(1..=6).contains(&hashes) || !line[hashes..].starts_with(' ') {
+            continue;
+        }
+        let base = slug(&line[hashes..]);
+        let mut s = base.clone();
+        let mut n = 0;
+        while found.contains(&s) {
+            n += 1;
+            s = format!("{base}-{n}");
+        }
+        found.push(s);
+    }
+    found
+}
+
+/// The targets of a page's inline links `[text](target)`, outside code
+/// blocks and code spans.
+fn links(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut in_block = false;
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            in_block = !in_block;
+            continue;
+        }
+        if in_block {
+            continue;
+        }
+        let prose: String = line.split('`').step_by(2).collect::<Vec<_>>().join("");
+        // Code spans are dropped, so a link whose text is code, [`x`](y),
+        // reads as [](y).
+        let mut rest = prose.as_str();
+        while let Some(i) = rest.find("](") {
+            let after = &rest[i + 2..];
+            if let Some(end) = after.find(')') {
+                let target = after[..end].split_whitespace().next().unwrap_or("");
+                found.push(target.to_string());
+            }
+            rest = after;
+        }
+    }
+    found
+}
+
+// The README became a short entry page with a guide under docs/: every
+// relative link between them (and the examples' pages) must lead somewhere,
+// and every #anchor to a heading that exists.
+#[test]
+fn every_relative_link_in_the_docs_resolves() {
+    let pages = markdown_pages();
+    assert!(pages.iter().any(|p| p == "docs/README.md"), "{pages:?}");
+    let mut broken = Vec::new();
+    let mut checked = 0;
+    for page in &pages {
+        let text = std::fs::read_to_string(root().join(page)).unwrap();
+        let dir = Path::new(page).parent().unwrap();
+        for target in links(&text) {
+            if target.is_empty()
+                || target.starts_with("http://")
+                || target.starts_with("https://")
+                || target.starts_with("mailto:")
+            {
+                continue;
+            }
+            checked += 1;
+            let (path, anchor) = match target.split_once('#') {
+                Some((p, a)) => (p, Some(a)),
+                None => (target.as_str(), None),
+            };
+            let file = if path.is_empty() {
+                Path::new(page).to_path_buf()
+            } else {
+                normalize(&dir.join(path))
+            };
+            let rel = file.to_string_lossy().into_owned();
+            if !root().join(&file).exists() {
+                broken.push(format!("{page}: {target}: no {rel}"));
+                continue;
+            }
+            if let Some(anchor) = anchor {
+                let ok = rel.ends_with(".md")
+                    && anchors(&std::fs::read_to_string(root().join(&file)).unwrap())
+                        .iter()
+                        .any(|a| a == anchor);
+                if !ok {
+                    broken.push(format!("{page}: {target}: no heading #{anchor} in {rel}"));
+                }
+            }
+        }
+    }
+    assert!(checked > 50, "only {checked} relative links found");
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
+
+/// `a/b/../c` as `a/c`, without touching the file system.
+fn normalize(path: &Path) -> std::path::PathBuf {
+    let mut out = std::path::PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                assert!(out.pop(), "{} leaves the repository", path.display());
+            }
+            std::path::Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[test]
+fn heading_anchors_are_githubs() {
+    for (heading, anchor) in [
+        ("Where etcd is", "where-etcd-is"),
+        (
+            "How fast will it react? `sidekick explain`",
+            "how-fast-will-it-react-sidekick-explain",
+        ),
+        (
+            "sidekick-render.service: root, without capabilities",
+            "sidekick-renderservice-root-without-capabilities",
+        ),
+        ("The .deb's units", "the-debs-units"),
+        (
+            "Waiting for keys (rolling updates, scripts)",
+            "waiting-for-keys-rolling-updates-scripts",
+        ),
+    ] {
+        assert_eq!(slug(heading), anchor);
+    }
+    assert_eq!(anchors("# A\n```\n# not a heading\n```\n## A\n#no\n"), ["a", "a-1"]);
+    assert_eq!(
+        links("[x](a.md#b) `[y](no.md)` [`z`](c/)\n```\n[w](no)\n```\n"),
+        ["a.md#b", "c/"]
+    );
 }
 
 /// Runs `missing_prereqs` from scripts/prereqs.sh with the protobuf include

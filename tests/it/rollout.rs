@@ -576,7 +576,7 @@ fn unit_commands(new: &[&str], stops: &[&str]) -> Vec<String> {
     v
 }
 
-/// Prints what a rollout did, for the README's figures.
+/// Prints what a rollout did, for the figures of docs/rolling-updates.md.
 fn figures(what: &str, r: &Rollout, lb: &Rendered<Haproxy>) {
     let reloads = lb.reloads().zip(r.reloads_before).map(|(after, before)| after - before);
     let by: BTreeMap<&str, usize> = r.samples.iter().fold(BTreeMap::new(), |mut m, s| {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# P2: the health-check loop from the blog posts (a baseline for bench/run).
+# The blog-post loop: the health-check loop from the blog posts (a baseline for bench/run).
 #
-#   p2.sh KEY VALUE URL
+#   blog.sh KEY VALUE URL
 #
 # Environment: ETCDCTL_ENDPOINTS, INTERVAL (0.2), TTL (3), PROBE_TIMEOUT (0.1).
 # Every cycle after a successful probe: a new lease and a put on it. Nothing

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# P1: the careful shell sidekick an operator writes today (a baseline for
+# The careful shell loop: the shell sidekick an operator writes today (a baseline for
 # bench/run, not something to deploy).
 #
-#   p1.sh KEY VALUE URL
+#   careful.sh KEY VALUE URL
 #
 # Environment: ETCDCTL_ENDPOINTS (where etcd is), INTERVAL (seconds between
 # probes, 0.2), TTL (lease TTL in whole seconds, 3), PROBE_TIMEOUT (curl -m,
