@@ -25,12 +25,21 @@
 //! whose id every declaring instance computes alike, joined with a
 //! keep-alive while a service declaring it is up, never revoked, so an
 //! instance leaving changes nothing in etcd for the others.
+//!
+//! A write that got no answer may still reach etcd, late (it went to a
+//! member cut off from us, and was delivered when the link came back). So
+//! a registration's keys carry its revision and its withdrawal deletes
+//! only that one ([`ops::withdraw_keys`]), and the agent watches its own
+//! keys as it watches the shared ones: a key of ours that appears while its
+//! service is withdrawn (or gone) is deleted, and one deleted while its
+//! service is registered is put back. `run` needs none of it: its
+//! withdrawal revokes the lease, which a late registration cannot outlive.
 
 pub mod probe_loop;
 pub mod shared;
 mod support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::pin::pin;
 use std::sync::Arc;
@@ -48,7 +57,7 @@ use crate::health::State;
 use crate::hooks::Hooks;
 use crate::notify::Notice;
 use crate::registry::ops;
-use crate::registry::{ErrorKind, Etcd, LeaseId, Range, RegistryError};
+use crate::registry::{ErrorKind, Etcd, KeyValue, LeaseId, Range, RegistryError};
 use crate::status::{Board, Pulse};
 use probe_loop::{probe_loop, Context, Publish};
 use support::{stop_revoke, wait_for, Held, SharedNotes, Step, Trouble};
@@ -128,6 +137,9 @@ struct Running {
     /// The revision of the registration that wrote each key: its
     /// withdrawal deletes that one and no later one.
     written: BTreeMap<String, i64>,
+    /// The revision of its last withdrawal: a write of ours seen from
+    /// before it is no news.
+    withdrawn_at: i64,
     /// When keys held elsewhere are tried again.
     put_at: Instant,
     /// The first registration takes its keys over.
@@ -179,6 +191,7 @@ enum Action {
     PutShared,
     Grant,
     Put(String),
+    Watch,
 }
 
 struct Engine<'a, R: Etcd, P: Check> {
@@ -200,7 +213,16 @@ struct Engine<'a, R: Etcd, P: Check> {
     /// Absent shared keys are to be put.
     shared_due: bool,
     shared_step: Step,
+    /// The keys watched: the shared keys put, and (agent) every key of
+    /// ours, so that a write of ours that etcd applies late is undone.
     watching: Vec<String>,
+    /// The watch is to be set again, after a read of what it watches.
+    watch_due: bool,
+    watch_step: Step,
+    /// Keys of services a reload removed (agent): watched while the
+    /// process lease lives, since a registration of theirs may land late.
+    /// Each with the revision of its withdrawal (0 until withdrawn).
+    gone: BTreeMap<String, i64>,
     notes: SharedNotes,
     trouble: Trouble,
     wake: Arc<Notify>,
@@ -243,6 +265,9 @@ pub async fn run<R: Etcd, P: Check>(
         shared_due: false,
         shared_step: Step::new(cap),
         watching: Vec::new(),
+        watch_due: false,
+        watch_step: Step::new(cap),
+        gone: BTreeMap::new(),
         notes: SharedNotes::default(),
         trouble: Trouble::with_hint(&hooks.etcd_hint),
         wake: Arc::new(Notify::new()),
@@ -319,6 +344,9 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
             tokio::spawn(probe_loop(probe, spec.timing.clone(), out, cx, stop.clone()).instrument(span));
         }
         debug!(service = %spec.name, "service started");
+        if self.settings.policy == Policy::PerKey {
+            self.watch_due = true;
+        }
         let cap = spec.timing.interval;
         self.services.insert(
             spec.name.clone(),
@@ -331,6 +359,7 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
                 registered: false,
                 partly: false,
                 written: BTreeMap::new(),
+                withdrawn_at: 0,
                 put_at: Instant::now(),
                 takeover: true,
                 held: Held::default(),
@@ -347,6 +376,10 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
             s.stop.cancel();
             if s.registered || s.partly {
                 self.retired.extend(s.written_keys());
+            }
+            if self.settings.policy == Policy::PerKey {
+                self.gone.extend(s.keys().into_iter().map(|k| (k, s.withdrawn_at)));
+                self.watch_due = true;
             }
             if let Some(b) = &s.board {
                 self.hooks.remove_board(b);
@@ -398,6 +431,10 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
             .filter(|(k, sk)| wanted.get(k.as_str()) != Some(&sk.value.as_str()))
             .map(|(k, _)| k.clone())
             .collect();
+        if !gone.is_empty() {
+            // Watched no more.
+            self.watch_due = true;
+        }
         for k in gone {
             // Never revoked: while another instance declares it, the key
             // stays without a write; after the last, it expires.
@@ -420,9 +457,74 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
                 );
             }
         }
-        if self.shared.is_empty() && !self.watching.is_empty() {
-            self.reg.unwatch();
-            self.watching.clear();
+    }
+
+    /// What the watch covers: the shared keys put, and (agent) every key
+    /// of ours: those of the services, and of the services removed while
+    /// this process lease lives.
+    fn watch_set(&self) -> Vec<String> {
+        let mut keys: BTreeSet<&str> = self
+            .shared
+            .iter()
+            .filter(|(_, sk)| sk.refresh_at.is_some())
+            .map(|(k, _)| k.as_str())
+            .collect();
+        if self.settings.policy == Policy::PerKey {
+            for s in self.services.values() {
+                keys.extend(s.spec.keys.iter().map(|(k, _)| k.as_str()));
+            }
+            keys.extend(self.gone.keys().map(String::as_str));
+            keys.extend(self.retired.iter().map(|(k, _)| k.as_str()));
+        }
+        keys.into_iter().map(String::from).collect()
+    }
+
+    /// What etcd says of a watched key at `revision`: `kv` when present,
+    /// `None` when deleted. A shared key deleted is put back. A key of
+    /// ours (agent) that etcd shows under our lease while its service is
+    /// withdrawn or gone, a registration that landed late, is deleted, by
+    /// its revision; one deleted while its service is registered is put
+    /// back.
+    fn seen(&mut self, key: &str, kv: Option<&KeyValue>, revision: i64) {
+        if self.shared.contains_key(key) {
+            if kv.is_none() {
+                info!(key = %key, "shared key deleted; putting it again");
+                self.shared_due = true;
+            }
+            return;
+        }
+        let Some(lease) = self.lease.as_ref().map(|l| l.id) else {
+            return;
+        };
+        if self.settings.policy != Policy::PerKey {
+            return;
+        }
+        let owner = self
+            .services
+            .values_mut()
+            .find(|s| s.spec.keys.iter().any(|(k, _)| k == key));
+        match (kv, owner) {
+            (Some(kv), owner) if kv.lease == lease.0 => match owner {
+                Some(s) if s.registered => {
+                    // Ours, maybe written again late: withdraw that one.
+                    let w = s.written.entry(key.to_string()).or_insert(0);
+                    *w = (*w).max(kv.mod_revision);
+                }
+                Some(s) if s.partly || kv.mod_revision <= s.withdrawn_at => {}
+                None if self.gone.get(key).is_some_and(|w| kv.mod_revision <= *w) => {}
+                _ => {
+                    if !self.retired.iter().any(|(k, r)| k == key && *r == kv.mod_revision) {
+                        warn!(key = %key, revision = kv.mod_revision, "a registration of ours reached etcd after its withdrawal; deleting it");
+                        self.retired.push((key.to_string(), kv.mod_revision));
+                    }
+                }
+            },
+            (None, Some(s)) if s.registered && s.written.get(key).is_none_or(|w| *w < revision) => {
+                info!(service = %s.spec.name, key = %key, "key deleted while registered; putting it again");
+                s.registered = false;
+                s.written.remove(key);
+            }
+            _ => {}
         }
     }
 
@@ -473,6 +575,9 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
                 }
             }
         }
+        if self.watch_due {
+            cands.push((Action::Watch, due(&self.watch_step, now)));
+        }
         if let Some(c) = cands.iter().find(|(_, at)| *at <= now) {
             return Some(c.clone());
         }
@@ -511,6 +616,11 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
         loop {
             self.settle();
             self.sync_shared();
+            if self.watch_due && self.watch_set().is_empty() {
+                self.reg.unwatch();
+                self.watching.clear();
+                self.watch_due = false;
+            }
             let next = self.next_action();
             let watching = !self.watching.is_empty();
             let action = tokio::select! {
@@ -535,19 +645,22 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
                     tick_at = self.tick_every().map(|every| Instant::now() + every);
                     continue;
                 }
-                gone = self.reg.watched(), if watching => {
-                    match gone {
+                seen = self.reg.watched(), if watching => {
+                    match seen {
                         Ok(events) => {
-                            let keys: Vec<&str> = events.iter().filter(|e| !e.put).map(|e| e.kv.key.as_str()).collect();
-                            info!(keys = %keys.join(","), "shared key deleted; putting it again");
+                            for e in &events {
+                                self.seen(&e.kv.key, e.put.then_some(&e.kv), e.kv.mod_revision);
+                            }
                         }
                         Err(e) => {
-                            // Deletions may have gone unseen: check every key.
+                            // Changes may have gone unseen: read every key
+                            // again, and watch from there.
                             self.watching.clear();
+                            self.watch_due = true;
+                            self.shared_due = true;
                             self.failed(&e, None);
                         }
                     }
-                    self.shared_due = true;
                     continue;
                 }
                 action = wait_for(next) => action,
@@ -654,6 +767,7 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
             Action::KeepAlive | Action::Grant => &mut self.own,
             Action::Retire => &mut self.retire_step,
             Action::PutShared => &mut self.shared_step,
+            Action::Watch => &mut self.watch_step,
             Action::KeepShared(k) | Action::JoinShared(k) => match self.shared.get_mut(k) {
                 Some(sk) => &mut sk.step,
                 None => &mut self.shared_step,
@@ -712,6 +826,11 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
             }
         }
         self.retired.clear();
+        // A late write of ours under the lost lease cannot land.
+        if !self.gone.is_empty() {
+            self.gone.clear();
+            self.watch_due = true;
+        }
     }
 
     async fn act(&mut self, action: &Action) -> Result<(), RegistryError> {
@@ -758,8 +877,10 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
                         self.lease = None;
                     }
                     Policy::PerKey => {
-                        let n = ops::withdraw_keys(&mut self.reg, id, &s.written_keys()).await?;
+                        let (n, revision) = ops::withdraw_keys(&mut self.reg, id, &s.written_keys()).await?;
                         info!(service = %name, deleted = n, "withdrawn");
+                        let s = self.services.get_mut(name).expect("a running service");
+                        s.withdrawn_at = revision;
                     }
                 }
                 let s = self.services.get_mut(name).expect("a running service");
@@ -774,7 +895,12 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
             Action::Retire => {
                 let id = self.lease.as_ref().expect("retire needs a lease").id;
                 let keys = self.retired.clone();
-                ops::withdraw_keys(&mut self.reg, id, &keys).await?;
+                let (_, revision) = ops::withdraw_keys(&mut self.reg, id, &keys).await?;
+                for (k, _) in &keys {
+                    if let Some(w) = self.gone.get_mut(k) {
+                        *w = revision;
+                    }
+                }
                 let names: Vec<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
                 info!(keys = %names.join(","), "withdrawn after the reload");
                 self.retired.retain(|k| !keys.contains(k));
@@ -822,16 +948,26 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
                     .filter(|(_, sk)| sk.refresh_at.is_some())
                     .map(|(k, sk)| (k.clone(), sk.value.clone(), sk.lease))
                     .collect();
-                let (present, revision) = ops::put_shared(&mut self.reg, &keys).await?;
+                let (present, _) = ops::put_shared(&mut self.reg, &keys).await?;
                 let shared = &self.shared;
                 self.notes.found(&present, |k| shared.get(k).map(|sk| sk.value.clone()));
-                let names: Vec<String> = keys.iter().map(|(k, _, _)| k.clone()).collect();
-                if names != self.watching {
-                    let ranges: Vec<Range> = names.iter().map(|k| Range::Key(k.clone())).collect();
-                    self.reg.watch(&ranges, revision + 1, true).await?;
-                    self.watching = names;
+                if keys.iter().any(|(k, _, _)| self.watching.binary_search(k).is_err()) {
+                    self.watch_due = true;
                 }
                 self.shared_due = false;
+            }
+            Action::Watch => {
+                let keys = self.watch_set();
+                let (present, revision) = ops::read_keys(&mut self.reg, &keys).await?;
+                let ranges: Vec<Range> = keys.iter().map(|k| Range::Key(k.clone())).collect();
+                self.reg.watch(&ranges, revision + 1, false).await?;
+                let mut present = present.iter().peekable();
+                for k in &keys {
+                    let kv = present.next_if(|kv| &kv.key == k);
+                    self.seen(k, kv, revision);
+                }
+                self.watching = keys;
+                self.watch_due = false;
             }
             Action::Put(name) => {
                 let id = self.lease.as_ref().expect("put needs a lease").id;

@@ -655,9 +655,86 @@ async fn a_service_back_before_its_withdrawal_answered_is_written_again() {
     assert!(now.mod_revision > first.mod_revision, "not written again: {now:?}");
     // The first withdrawal, delivered late.
     let late = [(KEY.to_string(), first.mod_revision)];
-    let n = ops::withdraw_keys(&mut reg.clone(), LeaseId(first.lease), &late)
+    let (n, _) = ops::withdraw_keys(&mut reg.clone(), LeaseId(first.lease), &late)
         .await
         .unwrap();
     assert_eq!(n, 0);
     assert!(reg.get(KEY).is_some());
+}
+
+// The mirror of the late withdrawal: a registration that got no answer and
+// reaches etcd after the withdrawal that followed it brings the key of a
+// service that is down back, under the agent's living lease. The agent
+// watches its own keys and deletes it, comparing its revision.
+#[tokio::test(start_paused = true)]
+async fn a_registration_landing_after_its_withdrawal_is_deleted() {
+    let reg = Model::new();
+    let services = vec![service("web", &[(KEY, "v")], &[], timing(1000, 1, 1, 15))];
+    let h = start_engine(&reg, Policy::PerKey, 15, services, Hooks::default());
+    at(1.5).await;
+    let lease = lease_of(&reg, KEY).expect("registered");
+    h.probes.get("web").set(false);
+    at(1.5).await;
+    assert_eq!(reg.get(KEY), None, "withdrawn");
+    // The late registration.
+    reg.put_foreign(KEY, "v", lease);
+    at(0.1).await;
+    assert_eq!(
+        reg.get(KEY),
+        None,
+        "a late registration of a service that is down stays"
+    );
+    // And one of a service a reload removed.
+    h.reload(vec![]);
+    at(0.1).await;
+    reg.put_foreign(KEY, "v", lease);
+    at(0.1).await;
+    assert_eq!(reg.get(KEY), None, "a late registration of a removed service stays");
+    // Somebody else's key there is left alone.
+    reg.put_foreign(KEY, "theirs", 0);
+    at(2.0).await;
+    assert_eq!(value(&reg, KEY).as_deref(), Some("theirs"));
+}
+
+// A key of a registered service deleted behind the agent's back (by hand,
+// or a late withdrawal) is put back within a round trip; the agent's own
+// withdrawals and registrations, seen by the same watch, cost no write.
+#[tokio::test(start_paused = true)]
+async fn a_key_deleted_while_registered_is_put_back_and_our_own_writes_cost_nothing() {
+    let reg = Model::new();
+    let services = vec![
+        service("web", &[(KEY, "v")], &[], timing(1000, 1, 1, 15)),
+        service("api", &[("/services/api/1", "v")], &[], timing(1000, 1, 1, 15)),
+    ];
+    let h = start_engine(&reg, Policy::PerKey, 15, services, Hooks::default());
+    at(2.5).await;
+    assert!(reg.get(KEY).is_some() && reg.get("/services/api/1").is_some());
+    reg.delete(KEY);
+    at(0.1).await;
+    assert!(reg.get(KEY).is_some(), "not put back");
+    // Five flaps: one put and one delete each, nothing more.
+    let before = reg.revision();
+    for _ in 0..5 {
+        h.probes.get("web").set(false);
+        at(1.5).await;
+        assert_eq!(reg.get(KEY), None);
+        h.probes.get("web").set(true);
+        at(1.5).await;
+        assert!(reg.get(KEY).is_some());
+    }
+    assert_eq!(reg.revision(), before + 10);
+    at(30.0).await;
+    assert_eq!(reg.revision(), before + 10, "nothing written while steady");
+}
+
+// `run` has nothing to watch without shared keys: no watch at all.
+#[tokio::test(start_paused = true)]
+async fn run_without_shared_keys_sets_no_watch() {
+    let (probe, reg, _h) = start(timing(1000, 1, 1, 15), true);
+    at(2.0).await;
+    assert!(reg.get(KEY).is_some());
+    probe.set(false);
+    at(2.0).await;
+    assert_eq!(reg.get(KEY), None);
+    assert_eq!(reg.calls("watch"), 0);
 }

@@ -150,13 +150,15 @@ pub async fn put_keys<E: Etcd>(
 /// later registration of ours, should etcd apply this withdrawal late (it
 /// timed out on a member cut off from us, and reached etcd once the link
 /// came back). Up to [`MAX_TXN_OPS`] − 2 keys go in one revision (each
-/// compares two things). Returns how many were deleted.
+/// compares two things). Returns how many were deleted, and the revision
+/// after the last transaction.
 pub async fn withdraw_keys<E: Etcd>(
     reg: &mut E,
     lease: LeaseId,
     keys: &[(String, i64)],
-) -> Result<usize, RegistryError> {
+) -> Result<(usize, i64), RegistryError> {
     let mut deleted = 0;
+    let mut revision = 0;
     for chunk in keys.chunks(nested_per_txn(2)) {
         let then = chunk
             .iter()
@@ -177,8 +179,9 @@ pub async fn withdraw_keys<E: Etcd>(
             .await
             .map_err(|e| e.during("withdraw the keys"))?;
         deleted += nested(&r.results).filter(|t| t.succeeded).count();
+        revision = r.revision;
     }
-    Ok(deleted)
+    Ok((deleted, revision))
 }
 
 /// Puts each shared key (key, value, its service lease) that does not
@@ -341,10 +344,10 @@ mod tests {
         assert_eq!(first.ours.len(), 1);
         // The withdrawal as first sent, which times out; done again elsewhere.
         let late = first.ours.clone();
-        assert_eq!(withdraw_keys(&mut reg, lease, &first.ours).await.unwrap(), 1);
+        assert_eq!(withdraw_keys(&mut reg, lease, &first.ours).await.unwrap().0, 1);
         put_keys(&mut reg, lease, &keys, &BTreeMap::new(), false).await.unwrap();
         // Delivered late.
-        assert_eq!(withdraw_keys(&mut reg, lease, &late).await.unwrap(), 0);
+        assert_eq!(withdraw_keys(&mut reg, lease, &late).await.unwrap().0, 0);
         assert!(
             reg.get("/services/web/0").is_some(),
             "the later registration was deleted"
@@ -364,14 +367,14 @@ mod tests {
         assert!(again.held.is_empty());
         assert!(again.ours[0].1 > first.ours[0].1, "{again:?} after {first:?}");
         assert_eq!(reg.get(KEY).unwrap().mod_revision, again.ours[0].1);
-        assert_eq!(withdraw_keys(&mut reg, lease, &first.ours).await.unwrap(), 0);
+        assert_eq!(withdraw_keys(&mut reg, lease, &first.ours).await.unwrap().0, 0);
         assert!(reg.get(KEY).is_some());
         // Retried for keys held elsewhere: what it wrote stays unwritten.
         let known = again.ours.iter().cloned().collect();
         let revision = reg.revision();
         let retried = put_keys(&mut reg, lease, &keys, &known, false).await.unwrap();
         assert_eq!((retried.ours, reg.revision()), (again.ours.clone(), revision));
-        assert_eq!(withdraw_keys(&mut reg, lease, &again.ours).await.unwrap(), 1);
+        assert_eq!(withdraw_keys(&mut reg, lease, &again.ours).await.unwrap().0, 1);
         assert!(reg.get(KEY).is_none());
     }
 
@@ -391,7 +394,7 @@ mod tests {
             }]
         );
         let rev = reg.get(KEY).unwrap().mod_revision;
-        assert_eq!(withdraw_keys(&mut reg, lease, &[(KEY.into(), rev)]).await.unwrap(), 0);
+        assert_eq!(withdraw_keys(&mut reg, lease, &[(KEY.into(), rev)]).await.unwrap().0, 0);
         assert_eq!(reg.get(KEY).unwrap().value, "theirs");
     }
 
@@ -406,7 +409,7 @@ mod tests {
         assert_eq!(done.ours.len(), keys.len());
         let again = put_keys(&mut reg, lease, &keys, &BTreeMap::new(), false).await.unwrap();
         assert_eq!(again.ours.len(), keys.len());
-        assert_eq!(withdraw_keys(&mut reg, lease, &again.ours).await.unwrap(), keys.len());
+        assert_eq!(withdraw_keys(&mut reg, lease, &again.ours).await.unwrap().0, keys.len());
         assert!(reg.keys("/services/web/").is_empty());
     }
 }

@@ -443,3 +443,50 @@ async fn exec_and_grpc_checks_work_in_the_agent() {
         sk.log()
     );
 }
+
+// A registration that reaches etcd after its withdrawal (it got no answer
+// from a member cut off from the agent, which delivered it when the link
+// came back) must not stay: the agent watches its own keys and deletes such
+// a key, by its revision, whether its service is down or removed by a
+// reload. A key deleted behind its back while registered is put back.
+#[tokio::test]
+async fn a_late_registration_is_undone_and_a_key_deleted_by_hand_put_back() {
+    let etcd = Etcd::start().await;
+    let web = Backend::start();
+    let dir = tempfile::tempdir().unwrap();
+    const KEY: &str = "/services/web/1";
+    write(dir.path(), "web.toml", &service("web", KEY, "w", &web.url(), ""));
+    let eps = etcd.endpoints();
+    let mut sk = agent(dir.path(), &eps, &[]);
+    let mut c = etcd.client(0).await;
+    assert!(key_becomes(&c, KEY, Some("w"), 10 * SEC).await, "{}", sk.log());
+    let lease = lease_of(&mut c, KEY).await.unwrap();
+
+    c.delete(KEY, None).await.unwrap();
+    assert!(key_becomes(&c, KEY, Some("w"), 5 * SEC).await, "{}", sk.log());
+    assert!(sk.log().contains("key deleted while registered; putting it again"));
+
+    // Down, withdrawn; then its registration, late, under the agent's lease.
+    web.set_healthy(false);
+    assert!(key_becomes(&c, KEY, None, 5 * SEC).await, "{}", sk.log());
+    let late = Some(PutOptions::new().with_lease(lease));
+    c.put(KEY, "w", late.clone()).await.unwrap();
+    assert!(key_becomes(&c, KEY, None, 5 * SEC).await, "{}", sk.log());
+    assert!(sk.log().contains("reached etcd after its withdrawal"), "{}", sk.log());
+
+    // Back, then removed by a reload; then a late registration again.
+    web.set_healthy(true);
+    assert!(key_becomes(&c, KEY, Some("w"), 5 * SEC).await, "{}", sk.log());
+    std::fs::remove_file(dir.path().join("web.toml")).unwrap();
+    sk.signal("HUP");
+    assert!(key_becomes(&c, KEY, None, 5 * SEC).await, "{}", sk.log());
+    c.put(KEY, "w", late).await.unwrap();
+    assert!(key_becomes(&c, KEY, None, 5 * SEC).await, "{}", sk.log());
+
+    // Another writer's key there is never touched.
+    c.put(KEY, "theirs", None).await.unwrap();
+    tokio::time::sleep(SEC).await; // the scenario: nothing may change
+    assert_eq!(value(&mut c, KEY).await.as_deref(), Some("theirs"));
+    sk.signal("TERM");
+    assert_eq!(sk.exit_within(5 * SEC).await.unwrap().code(), Some(0));
+}

@@ -343,7 +343,7 @@ async fn registration_steps<E: Etcd>(store: &mut E, lease: LeaseId, offset: i64)
         r
     };
     let first = put_keys(store, lease, &keys, &BTreeMap::new(), false).await.unwrap();
-    let withdrawn = withdraw_keys(store, lease, &first.ours).await.unwrap();
+    let (withdrawn, _) = withdraw_keys(store, lease, &first.ours).await.unwrap();
     let again = put_keys(store, lease, &keys, &BTreeMap::new(), false).await.unwrap();
     let rewritten = put_keys(store, lease, &keys, &BTreeMap::new(), false).await.unwrap();
     // Retried with what it wrote known: nothing is written.
@@ -352,9 +352,9 @@ async fn registration_steps<E: Etcd>(store: &mut E, lease: LeaseId, offset: i64)
     assert_eq!(retried.ours, rewritten.ours);
     // The first withdrawal delivered late, then one of the second
     // registration: neither may delete the third.
-    let late = withdraw_keys(store, lease, &first.ours).await.unwrap();
-    let stale = withdraw_keys(store, lease, &again.ours).await.unwrap();
-    let last = withdraw_keys(store, lease, &rewritten.ours).await.unwrap();
+    let (late, _) = withdraw_keys(store, lease, &first.ours).await.unwrap();
+    let (stale, _) = withdraw_keys(store, lease, &again.ours).await.unwrap();
+    let (last, _) = withdraw_keys(store, lease, &rewritten.ours).await.unwrap();
     vec![
         (revs(&first.ours), first.held.len()),
         (vec![], withdrawn),
