@@ -256,7 +256,7 @@ pub async fn follow<E: Etcd>(
                         continue 'read;
                     }
                 },
-                _ = sleep_until(render_at.unwrap_or_else(Instant::now)), if render_at.is_some() => {
+                _ = until(render_at.unwrap_or_else(Instant::now)), if render_at.is_some() => {
                     st.dirty = false;
                     st.changes = None;
                     st.settle_until = None;
@@ -282,7 +282,7 @@ pub async fn follow<E: Etcd>(
                     }
                     report(&mut st);
                 }
-                _ = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
+                _ = until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
                     let (_, wait) = st.reload_retry.take().expect("a retry is due");
                     match reload(&spec, &card, &shared).await {
                         Ok(()) => card.update(|f| f.last_error = None),
@@ -296,6 +296,14 @@ pub async fn follow<E: Etcd>(
                 }
             }
         }
+    }
+}
+
+/// Waits until `at`. A time already come costs no timer: tokio's would
+/// wait for its next millisecond tick, a millisecond added to every change.
+async fn until(at: Instant) {
+    if at > Instant::now() {
+        sleep_until(at).await;
     }
 }
 
