@@ -339,6 +339,7 @@ async fn round<R: Etcd>(
         r.watch(&ranges, revision + 1, false).await
     })
     .await?;
+    debug!(endpoint = %reg.endpoint(), from = revision + 1, "watching");
     loop {
         for event in reg.watched().await? {
             now.apply(&change(&event));

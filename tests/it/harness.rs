@@ -97,6 +97,12 @@ pub mod bounds {
     /// the same ports is tried again.
     pub const PORT_FREE: Duration = Duration::from_secs(10);
 
+    /// A member cut off from its cluster until etcd cancels the watches
+    /// that asked for a leader: it misses the leader after one election
+    /// timeout (1 s at etcd's defaults), then cancels once three checks,
+    /// one every election timeout, found none.
+    pub const NO_LEADER: Duration = Duration::from_secs(5);
+
     /// Read and write timeouts of the test's own sockets (its HTTP
     /// backends, clients and control sockets): a peer that never answers
     /// fails the exchange instead of hanging the test.

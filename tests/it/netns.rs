@@ -5,6 +5,7 @@
 //! No traffic leaves the two namespaces.
 
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::harness::bounds::*;
 use crate::harness::*;
@@ -138,5 +139,211 @@ async fn a_container_finds_etcd_through_its_default_gateway() {
     assert!(
         stdout.contains(r#""key":"/services/web/c1","value":"198.18.0.2:80""#),
         "{stdout}"
+    );
+}
+
+const CLIENT_NET: &str = "198.18.1";
+const PEER_NET: &str = "198.18.2";
+
+/// Three etcd members, each in a network namespace of its own with two
+/// links: one for clients, to a bridge in an "app" namespace where the
+/// sidekick runs, and one for its peers, to a bridge in a "peers"
+/// namespace. A member can be cut off from its cluster (its peer link
+/// down) and still answer clients. No traffic leaves the five namespaces.
+struct Cluster {
+    app: String,
+    peers: String,
+    members: Vec<String>,
+    /// The peers' side of each member's peer link.
+    peer_links: Vec<String>,
+    etcd: Vec<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let n = std::process::id() % 100_000;
+        let (app, peers) = (format!("skcapp{n}"), format!("skcpeer{n}"));
+        let mut c = Cluster {
+            app: app.clone(),
+            peers: peers.clone(),
+            members: Vec::new(),
+            peer_links: Vec::new(),
+            etcd: Vec::new(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        for (ns, net) in [(&app, CLIENT_NET), (&peers, PEER_NET)] {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&["-n", ns, "link", "add", "br0", "type", "bridge"]);
+            ip(&["-n", ns, "addr", "add", &format!("{net}.1/24"), "dev", "br0"]);
+            ip(&["-n", ns, "link", "set", "br0", "up"]);
+        }
+        for i in 1..=3 {
+            let ns = format!("skcm{n}x{i}");
+            ip(&["netns", "add", &ns]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            c.members.push(ns.clone());
+            for (side, net, bridge_ns) in [("c", CLIENT_NET, &app), ("p", PEER_NET, &peers)] {
+                let (inside, outside) = (format!("skm{side}{n}x{i}"), format!("skb{side}{n}x{i}"));
+                ip(&["link", "add", &inside, "type", "veth", "peer", "name", &outside]);
+                ip(&["link", "set", &inside, "netns", &ns]);
+                ip(&["link", "set", &outside, "netns", bridge_ns]);
+                ip(&["-n", bridge_ns, "link", "set", &outside, "master", "br0"]);
+                ip(&["-n", bridge_ns, "link", "set", &outside, "up"]);
+                ip(&[
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    &format!("{net}.{}/24", 10 + i),
+                    "dev",
+                    &inside,
+                ]);
+                ip(&["-n", &ns, "link", "set", &inside, "up"]);
+                if side == "p" {
+                    c.peer_links.push(outside);
+                }
+            }
+        }
+        let peer = |i: usize| format!("http://{PEER_NET}.{}:2380", 10 + i);
+        let cluster: Vec<String> = (1..=3).map(|i| format!("m{i}={}", peer(i))).collect();
+        for i in 1..=3 {
+            let client = Self::url(i);
+            let child = Command::new("ip")
+                .args(["netns", "exec", &c.members[i - 1], "etcd", "--name", &format!("m{i}")])
+                .arg("--data-dir")
+                .arg(c.dir.path().join(format!("m{i}")))
+                .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+                .args([
+                    "--listen-peer-urls",
+                    &peer(i),
+                    "--initial-advertise-peer-urls",
+                    &peer(i),
+                ])
+                .args(["--initial-cluster", &cluster.join(",")])
+                .args(["--initial-cluster-state", "new", "--initial-cluster-token", &app])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            c.etcd.push(child);
+        }
+        c
+    }
+
+    /// Member `i` (from 1) cut off from the others; clients still reach it.
+    fn cut_off(&self, i: usize) {
+        ip(&["-n", &self.peers, "link", "set", &self.peer_links[i - 1], "down"]);
+    }
+
+    fn url(i: usize) -> String {
+        format!("http://{CLIENT_NET}.{}:2379", 10 + i)
+    }
+
+    /// `sidekick ARGS` inside the app namespace, with the harness's clean
+    /// environment.
+    fn sidekick(&self, args: &[&str]) -> Command {
+        let template = sidekick(args);
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.app, env!("CARGO_BIN_EXE_sidekick")])
+            .args(args);
+        for (k, v) in template.get_envs() {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        cmd
+    }
+
+    /// Puts `key` through the members in `through`, until one takes it.
+    async fn put(&self, key: &str, through: &[usize], limit: Duration) -> bool {
+        let eps: Vec<String> = through.iter().map(|&i| Self::url(i)).collect();
+        let eps = eps.join(",");
+        eventually(limit, || async {
+            let args = ["announce", key, "x", "--endpoints", &eps, "--dial-timeout", "1s"];
+            self.sidekick(&args).output().unwrap().status.success()
+        })
+        .await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.etcd {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in self.members.iter().chain([&self.app, &self.peers]) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+// Regression: `wait` watching through a member cut off from its cluster
+// (but not from the client) hung until --timeout: the member, alive, had
+// nothing to send. Asked for a leader (require-leader), it cancels the
+// watch once it has lost its leader, and `wait` reads again through the
+// next endpoint.
+#[tokio::test]
+async fn wait_on_a_member_cut_off_from_its_cluster_goes_to_another() {
+    let net = Cluster::start();
+    assert!(
+        net.put("/net/ready", &[1, 2, 3], ETCD_READY).await,
+        "the cluster never answered"
+    );
+    let eps = (1..=3).map(Cluster::url).collect::<Vec<_>>().join(",");
+    // The member still answers the connection's HTTP/2 pings: only etcd's
+    // "no leader" can end the watch.
+    let log = net.dir.path().join("wait.log");
+    let mut wait = net
+        .sidekick(&[
+            "wait",
+            "/net/key",
+            "--endpoints",
+            &eps,
+            "--timeout",
+            "120s",
+            "--dial-timeout",
+            "1s",
+        ])
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let first = Cluster::url(1);
+    let watching = eventually(SOON, || async {
+        read().lines().any(|l| l.contains("watching") && l.contains(&first))
+    })
+    .await;
+    assert!(watching, "wait never watched through the first member: {}", read());
+
+    net.cut_off(1);
+    assert!(
+        net.put("/net/key", &[2, 3], SLACK).await,
+        "the two members left never took the key"
+    );
+    let put = Instant::now();
+    let limit = NO_LEADER + SLACK;
+    let mut status = None;
+    while put.elapsed() < limit {
+        if let Some(st) = wait.try_wait().unwrap() {
+            status = Some(st);
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    if status.is_none() {
+        let _ = wait.kill();
+        let _ = wait.wait();
+    }
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "wait did not see the key through another member within {limit:?}: {}",
+        read()
     );
 }
