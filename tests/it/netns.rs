@@ -269,6 +269,16 @@ impl Cluster {
     }
 }
 
+/// A child killed and reaped when the test ends, however it ends.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for c in &mut self.etcd {
@@ -297,8 +307,8 @@ async fn wait_on_a_member_cut_off_from_its_cluster_goes_to_another() {
     // The member still answers the connection's HTTP/2 pings: only etcd's
     // "no leader" can end the watch.
     let log = net.dir.path().join("wait.log");
-    let mut wait = net
-        .sidekick(&[
+    let mut wait = Reaped(
+        net.sidekick(&[
             "wait",
             "/net/key",
             "--endpoints",
@@ -312,7 +322,8 @@ async fn wait_on_a_member_cut_off_from_its_cluster_goes_to_another() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
-        .unwrap();
+        .unwrap(),
+    );
     let read = || std::fs::read_to_string(&log).unwrap_or_default();
     let first = Cluster::url(1);
     let watching = eventually(SOON, || async {
@@ -330,16 +341,13 @@ async fn wait_on_a_member_cut_off_from_its_cluster_goes_to_another() {
     let limit = NO_LEADER + SLACK;
     let mut status = None;
     while put.elapsed() < limit {
-        if let Some(st) = wait.try_wait().unwrap() {
+        if let Some(st) = wait.0.try_wait().unwrap() {
             status = Some(st);
             break;
         }
         tokio::time::sleep(POLL).await;
     }
-    if status.is_none() {
-        let _ = wait.kill();
-        let _ = wait.wait();
-    }
+    drop(wait);
     assert_eq!(
         status.and_then(|s| s.code()),
         Some(0),
