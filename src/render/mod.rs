@@ -183,7 +183,14 @@ pub async fn follow<E: Etcd>(
                 if outage {
                     info!(template = %spec.name, endpoint = %reg.endpoint(), "etcd answers again");
                     outage = false;
+                    if st.settle_until.is_some() {
+                        // The settle time is for the instances to register
+                        // again, which they could not while etcd was away.
+                        info!(template = %spec.name, "etcd was away during --settle: waiting it again from now");
+                        st.settle_until = Some(Instant::now() + shared.settle);
+                    }
                 }
+                let first_read = st.seen == 0;
                 if revision < st.seen {
                     warn!(
                         template = %spec.name,
@@ -204,6 +211,19 @@ pub async fn follow<E: Etcd>(
                         .map(|kv| (kv.key, kv.value))
                         .collect(),
                 );
+                if first_read && st.keys.is_empty() && holds_a_rendering(&spec.dest) {
+                    // A process has no revision seen before to compare
+                    // with: an empty cluster where DEST holds a rendering
+                    // may be one that lost its data while render was down.
+                    warn!(
+                        template = %spec.name,
+                        dest = %spec.dest.display(),
+                        settle = %humantime::format_duration(shared.settle),
+                        "no key under the prefixes, and DEST holds a rendering: waiting --settle before rendering, in case etcd lost its data and the instances are registering again"
+                    );
+                    st.settle_until = Some(Instant::now() + shared.settle);
+                    report(&mut st);
+                }
                 st.revision = revision;
                 st.dirty = true;
                 st.changes = None;
@@ -297,6 +317,11 @@ pub async fn follow<E: Etcd>(
             }
         }
     }
+}
+
+/// Whether `dest` exists and is not empty.
+fn holds_a_rendering(dest: &std::path::Path) -> bool {
+    std::fs::metadata(dest).is_ok_and(|m| m.len() > 0)
 }
 
 /// Waits until `at`. A time already come costs no timer: tokio's would

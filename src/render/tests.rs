@@ -245,3 +245,72 @@ async fn wait_coalesces_a_burst_into_one_rendering() {
     );
     assert_eq!(l.renders(), 3, "MAX, then once after the rest of the burst");
 }
+
+// Found by the fault campaign: etcd went away during the settle time, the
+// time ran out meanwhile, and render rendered the new cluster before the
+// instances (which could not write either) had registered again.
+#[tokio::test(start_paused = true)]
+async fn an_outage_during_the_settle_time_starts_it_again() {
+    let model = Model::new();
+    for i in 0..5 {
+        model.put_foreign(&format!("/other/{i}"), "x", 0);
+    }
+    model.put_foreign("/web/1", "a:1", 0);
+    model.put_foreign("/web/2", "b:1", 0);
+    let l = Loop::start(&model, &["/web/"], LIST, None);
+    let whole = "/web/1=a:1\n/web/2=b:1\n";
+    assert!(l.until(SOON, |l| l.file().as_deref() == Some(whole)).await);
+    model.set_unreachable(true);
+    model.wipe();
+    model.set_unreachable(false);
+    // Read, lower revision: the settle time begins; then etcd goes away
+    // for most of it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    model.set_unreachable(true);
+    tokio::time::sleep(SETTLE).await;
+    model.set_unreachable(false);
+    let back = tokio::time::Instant::now();
+    model.put_foreign("/web/1", "a:1", 0);
+    let settled = l
+        .until(SETTLE + super::READ_BACKOFF_CAP * 2, |l| {
+            l.file().as_deref() == Some("/web/1=a:1\n")
+        })
+        .await;
+    assert!(settled);
+    assert!(
+        back.elapsed() >= SETTLE,
+        "rewritten {:?} after etcd came back",
+        back.elapsed()
+    );
+}
+
+// Found by the fault campaign: render restarted after etcd lost its data
+// had no revision to compare with, and rendered the empty cluster at once
+// over a full DEST.
+#[tokio::test(start_paused = true)]
+async fn a_render_starting_on_an_empty_cluster_over_a_rendering_waits_the_settle_time() {
+    let model = Model::new();
+    let mut l = Loop::start(&model, &["/web/"], LIST, None);
+    // DEST from before (the loop has not run yet: paused clock, one thread).
+    std::fs::write(&l.dest, "/web/1=a:1\n/web/2=b:1\n").unwrap();
+    let started = tokio::time::Instant::now();
+    assert_eq!(
+        l.first.recv().await,
+        Some(()),
+        "READY does not wait for the settle time"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    model.put_foreign("/web/1", "a:1", 0);
+    let settled = l
+        .until(SETTLE + SOON, |l| l.file().as_deref() == Some("/web/1=a:1\n"))
+        .await;
+    assert!(settled);
+    assert!(started.elapsed() >= SETTLE, "rewritten after {:?}", started.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_render_starting_on_an_empty_cluster_without_a_rendering_renders_at_once() {
+    let model = Model::new();
+    let l = Loop::start(&model, &["/web/"], LIST, None);
+    assert!(l.until(SOON, |l| l.file().as_deref() == Some("")).await);
+}
