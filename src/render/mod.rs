@@ -261,21 +261,24 @@ pub async fn follow<E: Etcd>(
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
-                events = reg.watched() => match events {
-                    Ok(events) => {
-                        let mut batch = events;
-                        // Whatever else has arrived goes into the same rendering.
-                        while let Some(Ok(more)) = futures_now(reg.watched()) {
-                            batch.extend(more);
+                events = reg.watched() => {
+                    // Whatever else has arrived goes into the same
+                    // rendering; the watch's end may be among it.
+                    let mut next = Some(events);
+                    let mut batch = Vec::new();
+                    while let Some(events) = next {
+                        match events {
+                            Ok(more) => batch.extend(more),
+                            Err(e) => {
+                                let how = if e.kind == ErrorKind::Compacted { "was compacted past" } else { "broke" };
+                                warn!(template = %spec.name, error = %e, "the watch {how}: reading afresh");
+                                continue 'read;
+                            }
                         }
-                        apply(&spec, &mut st, batch);
+                        next = futures_now(reg.watched());
                     }
-                    Err(e) => {
-                        let how = if e.kind == ErrorKind::Compacted { "was compacted past" } else { "broke" };
-                        warn!(template = %spec.name, error = %e, "the watch {how}: reading afresh");
-                        continue 'read;
-                    }
-                },
+                    apply(&spec, &mut st, batch);
+                }
                 _ = until(render_at.unwrap_or_else(Instant::now)), if render_at.is_some() => {
                     st.dirty = false;
                     st.changes = None;

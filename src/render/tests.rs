@@ -314,3 +314,27 @@ async fn a_render_starting_on_an_empty_cluster_without_a_rendering_renders_at_on
     let l = Loop::start(&model, &["/web/"], LIST, None);
     assert!(l.until(SOON, |l| l.file().as_deref() == Some("")).await);
 }
+
+// Regression (the flaky compaction test): events and then the end of the
+// watch arrived together. The end, met while draining whatever else had
+// arrived, was dropped, the watch was gone, and render waited for ever on
+// a watch it no longer had: no change was rendered again.
+#[tokio::test(start_paused = true)]
+async fn a_watch_ending_right_behind_its_events_is_followed_by_a_fresh_read() {
+    let model = Model::new();
+    model.put_foreign("/web/1", "a:1", 0);
+    let l = Loop::start(&model, &["/web/"], LIST, None);
+    assert!(l.until(SOON, |l| l.file().is_some()).await);
+    // One event queued, then the watch ends behind it (etcd restarts),
+    // before render runs again.
+    model.put_foreign("/web/2", "b:1", 0);
+    model.restart();
+    model.put_foreign("/web/3", "c:1", 0);
+    assert!(
+        l.until(super::READ_BACKOFF_CAP * 2, |l| l.file().as_deref()
+            == Some("/web/1=a:1\n/web/2=b:1\n/web/3=c:1\n"))
+            .await,
+        "{:?}",
+        l.file()
+    );
+}
