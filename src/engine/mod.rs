@@ -479,6 +479,15 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
         keys.into_iter().map(String::from).collect()
     }
 
+    /// Whether [`Self::watch_set`] is empty, without building it.
+    fn watches_nothing(&self) -> bool {
+        let ours = self.settings.policy == Policy::PerKey
+            && (self.services.values().any(|s| !s.spec.keys.is_empty())
+                || !self.gone.is_empty()
+                || !self.retired.is_empty());
+        !ours && self.shared.values().all(|sk| sk.refresh_at.is_none())
+    }
+
     /// What etcd says of a watched key at `revision`: `kv` when present,
     /// `None` when deleted. A shared key deleted is put back. A key of
     /// ours (agent) that etcd shows under our lease while its service is
@@ -616,7 +625,8 @@ impl<R: Etcd, P: Check> Engine<'_, R, P> {
         loop {
             self.settle();
             self.sync_shared();
-            if self.watch_due && self.watch_set().is_empty() {
+            debug_assert!(!self.watch_due || self.watches_nothing() == self.watch_set().is_empty());
+            if self.watch_due && self.watches_nothing() {
                 self.reg.unwatch();
                 self.watching.clear();
                 self.watch_due = false;
