@@ -186,8 +186,9 @@ async fn etcd_down_at_start_keeps_the_file_and_reports_once() {
     assert!(l.first.try_recv().is_err(), "the first outcome is reported once");
 }
 
-#[tokio::test(start_paused = true)]
-async fn after_etcd_lost_its_data_renders_wait_for_the_settle_time() {
+/// A loop that has rendered two instances, at a revision above what a
+/// wiped store reaches at once.
+async fn rendering_two_instances() -> (Model, Loop) {
     let model = Model::new();
     for i in 0..5 {
         model.put_foreign(&format!("/other/{i}"), "x", 0);
@@ -195,10 +196,14 @@ async fn after_etcd_lost_its_data_renders_wait_for_the_settle_time() {
     model.put_foreign("/web/1", "a:1", 0);
     model.put_foreign("/web/2", "b:1", 0);
     let l = Loop::start(&model, &["/web/"], LIST, None);
-    assert!(
-        l.until(SOON, |l| l.file().as_deref() == Some("/web/1=a:1\n/web/2=b:1\n"))
-            .await
-    );
+    let whole = "/web/1=a:1\n/web/2=b:1\n";
+    assert!(l.until(SOON, |l| l.file().as_deref() == Some(whole)).await);
+    (model, l)
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_etcd_lost_its_data_renders_wait_for_the_settle_time() {
+    let (model, l) = rendering_two_instances().await;
     model.set_unreachable(true);
     model.wipe();
     model.set_unreachable(false);
@@ -251,15 +256,7 @@ async fn wait_coalesces_a_burst_into_one_rendering() {
 // instances (which could not write either) had registered again.
 #[tokio::test(start_paused = true)]
 async fn an_outage_during_the_settle_time_starts_it_again() {
-    let model = Model::new();
-    for i in 0..5 {
-        model.put_foreign(&format!("/other/{i}"), "x", 0);
-    }
-    model.put_foreign("/web/1", "a:1", 0);
-    model.put_foreign("/web/2", "b:1", 0);
-    let l = Loop::start(&model, &["/web/"], LIST, None);
-    let whole = "/web/1=a:1\n/web/2=b:1\n";
-    assert!(l.until(SOON, |l| l.file().as_deref() == Some(whole)).await);
+    let (model, l) = rendering_two_instances().await;
     model.set_unreachable(true);
     model.wipe();
     model.set_unreachable(false);

@@ -30,6 +30,22 @@ fn ip(args: &[&str]) {
     );
 }
 
+/// `sidekick ARGS` inside the namespace `ns`, with the harness's clean
+/// environment.
+fn sidekick_in(ns: &str, args: &[&str]) -> Command {
+    let template = sidekick(args);
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_sidekick")])
+        .args(args);
+    for (k, v) in template.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    cmd
+}
+
 impl Net {
     fn new() -> Net {
         let n = std::process::id() % 100_000;
@@ -75,16 +91,7 @@ impl Net {
     /// `sidekick ARGS` inside the container namespace, with the harness's
     /// clean environment (no endpoints, no env file).
     fn sidekick_in_app(&self, args: &[&str]) -> Command {
-        let template = sidekick(args);
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.app, env!("CARGO_BIN_EXE_sidekick")])
-            .args(args);
-        for (k, v) in template.get_envs() {
-            match v {
-                Some(v) => cmd.env(k, v),
-                None => cmd.env_remove(k),
-            };
-        }
+        let mut cmd = sidekick_in(&self.app, args);
         // An env file without endpoints, so that discovery goes on to the
         // default gateway whatever the machine's /etc/etcd.environment says.
         let empty = self.dir.path().join("empty.env");
@@ -244,17 +251,7 @@ impl Cluster {
     /// `sidekick ARGS` inside the app namespace, with the harness's clean
     /// environment.
     fn sidekick(&self, args: &[&str]) -> Command {
-        let template = sidekick(args);
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.app, env!("CARGO_BIN_EXE_sidekick")])
-            .args(args);
-        for (k, v) in template.get_envs() {
-            match v {
-                Some(v) => cmd.env(k, v),
-                None => cmd.env_remove(k),
-            };
-        }
-        cmd
+        sidekick_in(&self.app, args)
     }
 
     /// Puts `key` through the members in `through`, until one takes it.
