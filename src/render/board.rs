@@ -29,6 +29,8 @@ pub struct Figures {
     pub reload_failures: u64,
     /// The last consistent read's round trip.
     pub read: Option<Duration>,
+    /// The endpoint of the last consistent read, which the watch follows.
+    pub endpoint: Option<String>,
     /// The last rendering's time.
     pub render: Option<Duration>,
     /// The last check command's time.
@@ -77,6 +79,7 @@ impl Card {
             "name": self.name,
             "dest": self.dest,
             "revision": f.revision,
+            "endpoint": f.endpoint,
             "last_render": f.last_render.map(|t| humantime::format_rfc3339_millis(t).to_string()),
             "last_error": f.last_error,
             "renders": f.renders,

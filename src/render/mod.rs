@@ -179,7 +179,10 @@ pub async fn follow<E: Etcd>(
         };
         let watching = match read {
             Ok((kvs, revision)) => {
-                card.update(|f| f.read = Some(started.elapsed()));
+                card.update(|f| {
+                    f.read = Some(started.elapsed());
+                    f.endpoint = Some(reg.endpoint().to_string());
+                });
                 if outage {
                     info!(template = %spec.name, endpoint = %reg.endpoint(), "etcd answers again");
                     outage = false;

@@ -625,7 +625,9 @@ async fn an_undefined_value_is_a_render_error_that_keeps_the_file() {
     let failed = counter_reaches(addr, "sidekick_render_errors_total", "w.cfg", 2.0, SOON).await;
     assert!(failed, "{}", shown(&sk));
     assert_eq!(site.read("out/w.cfg").unwrap(), "weight 5\n");
-    assert!(template_status(addr, "w.cfg")["last_error"].is_string());
+    let status = template_status(addr, "w.cfg");
+    assert!(status["last_error"].is_string());
+    assert_eq!(status["endpoint"], eps.as_str(), "the member it follows");
 }
 
 #[tokio::test]
