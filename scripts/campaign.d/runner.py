@@ -501,7 +501,7 @@ class Campaign:
                     t = st["templates"][0]
                     figs = {k: t.get(k) for k in ("wait_max_s", "last_read_s", "last_render_s",
                                                    "last_check_s", "last_reload_s", "revision",
-                                                   "reloads", "reload_failures", "render_errors")}
+                                                   "reloads", "reload_failures", "render_errors", "endpoint")}
                     self._changed(last, "render_status", **figs)
                 except (OSError, ValueError, KeyError, IndexError, http.client.HTTPException):
                     pass
