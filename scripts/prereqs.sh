@@ -51,6 +51,7 @@ missing_prereqs() {
       command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || echo nginx
       command -v systemd-analyze >/dev/null 2>&1 || echo systemd
       command -v ip >/dev/null 2>&1 || echo iproute2
+      command -v python3 >/dev/null 2>&1 || echo python3
       ;;
     rollout)
       command -v haproxy >/dev/null 2>&1 || echo haproxy
