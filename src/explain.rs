@@ -62,6 +62,11 @@ pub struct Explanation {
     pub keepalive_every: Duration,
     /// The bound on each etcd call while running: min(D, L/3).
     pub etcd_call_bound: Duration,
+    /// A watch (render's, wait's, the agent's on its own keys) on a member
+    /// that goes unreachable or freezes moves to another within
+    /// max(D, 10 s) + D: the connection's HTTP/2 ping, sent that often
+    /// while nothing arrives, unanswered for D.
+    pub watch_leaves_lost_member: Duration,
     /// The shortest time between probe starts (jitter takes up to 10 % off
     /// the interval, never adds); `None` without a probe.
     pub probe_every_least: Option<Duration>,
@@ -124,6 +129,7 @@ impl Explanation {
             register_after_etcd_back: i + etcd_call_bound,
             keepalive_every: l / 3,
             etcd_call_bound,
+            watch_leaves_lost_member: crate::registry::keepalive_interval(d) + d,
             probe_every_least: inputs.probe_timeout.map(|_| i.mul_f64(0.9)),
             warnings: warnings(&inputs),
             inputs,
@@ -224,6 +230,11 @@ impl Explanation {
              (the largest --ttl of those instances); an instance leaving never writes them\n",
             secs(self.shared_keys_outlive_last_instance)
         ));
+        out.push_str(&format!(
+            "  a watch (render, wait) on a member that goes unreachable or freezes moves to another \
+             within {}: max(dial timeout, 10s) + dial timeout\n",
+            secs(self.watch_leaves_lost_member)
+        ));
         out.push_str("\nrequests:\n");
         out.push_str(&format!(
             "  a keep-alive every {} ({} a minute), each etcd call bounded by {}\n",
@@ -269,6 +280,7 @@ impl Explanation {
             "keepalive_every_s": s(self.keepalive_every),
             "keepalives_per_minute": round3(per_minute(self.keepalive_every)),
             "etcd_call_bound_s": s(self.etcd_call_bound),
+            "watch_leaves_lost_member_s": s(self.watch_leaves_lost_member),
             "probes_per_minute_max": self.probe_every_least.map_or(Value::Null, |d| Value::from(round3(per_minute(d)))),
             "warnings": self.warnings,
         })
@@ -634,6 +646,27 @@ mod tests {
         assert!(sentence.contains("`shared_keys_outlive_last_instance_s`"), "{sentence}");
         let e = Explanation::new(defaults());
         assert_eq!(e.shared_keys_outlive_last_instance, e.inputs.timing.ttl);
+    }
+
+    /// The Guarantees section states how soon a watch leaves a lost member,
+    /// with explain's JSON field for it, and the figure follows the dial
+    /// timeout above the ping floor.
+    #[test]
+    fn readme_guarantees_state_the_lost_member_bound_of_explain() {
+        let section = README.split("\n## Guarantees\n").nth(1).unwrap();
+        let section = section.split("\n## ").next().unwrap();
+        let sentence = section
+            .split("\n\n")
+            .map(|p| p.replace('\n', " "))
+            .find(|p| p.contains("moves to another member within max(*D*, 10 s) + *D*"))
+            .expect("a paragraph on a watch leaving a lost member");
+        assert!(sentence.contains("`watch_leaves_lost_member_s`"), "{sentence}");
+        let mut e = defaults();
+        assert_eq!(Explanation::new(e.clone()).watch_leaves_lost_member, ms(15_000));
+        e.dial_timeout = ms(1_000);
+        assert_eq!(Explanation::new(e.clone()).watch_leaves_lost_member, ms(11_000));
+        e.dial_timeout = ms(12_000);
+        assert_eq!(Explanation::new(e).watch_leaves_lost_member, ms(24_000));
     }
 
     /// The README's `sidekick explain` section names every JSON field.

@@ -97,7 +97,9 @@ class Campaign:
                           "reload": "kill -USR2" if self.args.raw_reload else "haproxy-reload"},
                    explain={"probe": self.explain(probe), "no_probe": self.explain(None)},
                    settle_s=float(SETTLE.rstrip("s")), instances=instances, foreign=FOREIGN,
-                   members=self.cluster.names, faults=faults, kinds=self.args.kinds)
+                   members=self.cluster.names,
+                   member_endpoints={n: "http://%s:2379" % self.cluster.hosts[n] for n in self.cluster.names},
+                   faults=faults, kinds=self.args.kinds)
 
     def backend(self, name):
         state = os.path.join(self.dir, "state", name)

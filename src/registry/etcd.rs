@@ -22,6 +22,15 @@ use crate::config::EtcdSettings;
 /// `--grpc-keepalive-min-time`.
 const KEEPALIVE_AT_LEAST: Duration = Duration::from_secs(10);
 
+/// How often the connection pings etcd while nothing else arrives: the
+/// dial timeout, never closer than [`KEEPALIVE_AT_LEAST`]. A ping
+/// unanswered for the dial timeout gives the connection up, so a watch on a
+/// member that went unreachable or froze moves to another within this plus
+/// the dial timeout.
+pub fn keepalive_interval(dial: Duration) -> Duration {
+    dial.max(KEEPALIVE_AT_LEAST)
+}
+
 /// Builds the connection options, reading the TLS files now so that a
 /// missing or unreadable file is a usage error before anything is written.
 pub fn connect_options(settings: &EtcdSettings) -> Result<ConnectOptions, String> {
@@ -32,7 +41,7 @@ pub fn connect_options(settings: &EtcdSettings) -> Result<ConnectOptions, String
         // (a watch that hears nothing). etcd answers pings sent more often
         // than its --grpc-keepalive-min-time (5 s by default) with a GOAWAY
         // that breaks the watch: never closer than twice that.
-        .with_keep_alive(dial.max(KEEPALIVE_AT_LEAST), dial)
+        .with_keep_alive(keepalive_interval(dial), dial)
         .with_keep_alive_while_idle(true);
     if let Some((user, pass)) = &settings.auth {
         // etcd's simple tokens expire (--auth-token-ttl, 5 minutes by

@@ -20,7 +20,7 @@ pub mod ops;
 use std::fmt;
 use std::time::Duration;
 
-pub use etcd::{connect_options, EtcdRegistry};
+pub use etcd::{connect_options, keepalive_interval, EtcdRegistry};
 
 /// etcd's default limit on the operations of one transaction
 /// (`--max-txn-ops`); a nested transaction counts its own operations

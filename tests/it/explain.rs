@@ -92,6 +92,8 @@ fn json_parses_and_has_every_field() {
         ("register_after_recovery_s", 3.5),
         ("register_after_etcd_back_s", 3.0),
         ("keepalives_per_minute", 12.0),
+        // max(2 s, 10 s) + 2 s: the ping floor, then the dial timeout.
+        ("watch_leaves_lost_member_s", 12.0),
     ] {
         assert_eq!(j[field].as_f64(), Some(want), "{field} in {j}");
     }
