@@ -131,6 +131,7 @@ class Model:
         self._render_bound(recs)
         self._etcd(recs)
         self._instances(recs)
+        self._render_lost(recs)
         self._keys(recs)
         self._proxy(recs)
 
@@ -245,6 +246,30 @@ class Model:
             down.append([t_down, self.end])
         self.render_down = windows(down, self.end)
 
+    def _render_lost(self, recs):
+        """Where render may lag because the member it follows froze or was
+        cut off (docs/guarantees.md): its watch moves to another member
+        within `watch_leaves_lost_member_s`, then it reads afresh. The
+        member is the one render's /status last named; while unknown (just
+        started, or a history without it) any member. A history whose
+        explain lacks the figure gets no such window."""
+        self.lost = self.ex.get("watch_leaves_lost_member_s")
+        ws = []
+        if self.lost is not None:
+            by_endpoint = {e: n for n, e in (self.meta.get("member_endpoints") or {}).items()}
+            follows = None
+            for r in recs:
+                if r["type"] == "render_status":
+                    follows = by_endpoint.get(r.get("endpoint"))
+                elif r["type"] == "action" and r["on"] == "render" and r["do"] == "start":
+                    follows = None
+                elif (r["type"] == "action" and r["on"] == "member" and r["do"] in ("stop", "link_down")
+                      and follows in (None, r["target"])):
+                    ws.append([r["t"], r["t"] + self.lost + self.render_start + SLACK])
+        self.render_lost = windows(ws, self.end)
+        # render killed, restarting, or on a lost member: behind by design.
+        self.render_away = windows(self.render_down + self.render_lost, self.end)
+
     def _keys(self, recs):
         self.kv = {}  # key -> Step of value or None
         self.epoch_starts = []
@@ -320,7 +345,7 @@ class Model:
             elif st == "term":
                 d = max(d, c + self.withdraw_term)
         d += self.render + SLACK
-        for w in self.unsettled + self.render_down:
+        for w in self.unsettled + self.render_away:
             if w[0] <= d and w[1] >= tf:
                 d = max(d, w[1] + self.withdraw + self.render + SLACK)
         return d
@@ -401,7 +426,7 @@ def check(recs):
     bad_from = None
     t = max(m.t_faults, 2.0)
     while t <= m.end:
-        judged = (m.etcd_ok(t - m.render - SLACK, t) and not overlaps(m.render_down, t - m.render - SLACK, t)
+        judged = (m.etcd_ok(t - m.render - SLACK, t) and not overlaps(m.render_away, t - m.render - SLACK, t)
                   and m.haproxy.at(t) is not None)
         good = True
         if judged:
@@ -572,6 +597,8 @@ def allowed(m, t, inst, cause, t_end=None):
         return "etcd without quorum, or settling after it"
     if in_windows(m.render_down, t):
         return "render down, or catching up after its restart"
+    if in_windows(m.render_lost, t):
+        return "render's member frozen or cut off, within watch_leaves_lost_member_s"
     if inst in m.health:
         # The instance may have failed while it handled the request.
         for tt in (t, t_end or t):
@@ -621,4 +648,5 @@ def bounds_of(m):
         "register_recovery_s": m.reg_recovery, "register_etcd_back_s": m.reg_back,
         "register_resume_s": m.reg_resume, "render_sum_s": m.render_sum, "render_s": m.render,
         "render_parts": m.render_parts, "slack_s": SLACK, "settle_s": m.settle_s,
+        "watch_leaves_lost_member_s": m.lost,
     }

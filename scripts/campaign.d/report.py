@@ -28,9 +28,11 @@ def summary(recs, result):
         lines.append("  %5d  %s (%s)" % (n, cause, ok))
     b = result["bounds"]
     lines.append("bounds: withdraw %.2fs, render %.3fs (measured sum %.3fs + one call bound), register %.2fs/%.2fs, "
-                 "stale after SIGKILL %.2fs (+%.2fs per leader change), slack %.1fs"
+                 "stale after SIGKILL %.2fs (+%.2fs per leader change), watch off a lost member %s, slack %.1fs"
                  % (b["withdraw_s"], b["render_s"], b["render_sum_s"], b["register_start_s"],
-                    b["register_recovery_s"], b["stale_s"], b["stale_per_leader_change_s"], b["slack_s"]))
+                    b["register_recovery_s"], b["stale_s"], b["stale_per_leader_change_s"],
+                    "%.2fs" % b["watch_leaves_lost_member_s"] if b.get("watch_leaves_lost_member_s") is not None
+                    else "not given by this sidekick's explain", b["slack_s"]))
     lines.append("quiet windows checked: %d (%.1fs)" % (len(result["quiet"]), sum(b - a for a, b in result["quiet"])))
     by = collections.Counter(x["kind"] for x in v)
     lines.append("invariant violations: %d%s" % (len(v), (" (" + ", ".join("%s %d" % kv for kv in sorted(by.items())) + ")") if v else ""))
@@ -112,6 +114,8 @@ def svg(recs, result):
         bar("etcd", a, b, "#fde68a", title="etcd unsettled")
     for a, b in m.unavailable:
         bar("etcd", a, b, "#9ca3af", title="etcd unavailable")
+    for a, b in m.render_lost:
+        bar("render", a, b, "#fdba74", title="render's member frozen or cut off: moving off it")
     for a, b in m.render_down:
         bar("render", a, b, "#fca5a5", title="render down or catching up")
     # member states
@@ -180,7 +184,8 @@ def svg(recs, result):
     legend = [("#16a34a", "key in etcd"), ("#2563eb", "in HAProxy"), ("#fecaca", "instance unhealthy"),
               ("#e5e7eb", "registrar not running"), ("#ef4444", "member down"), ("#60a5fa", "member frozen"),
               ("#f59e0b", "member cut off / failed request (allowed)"), ("#dc2626", "violation / failed request not allowed"),
-              ("#9ca3af", "etcd unavailable"), ("#fde68a", "settle window")]
+              ("#9ca3af", "etcd unavailable"), ("#fde68a", "settle window"),
+              ("#fca5a5", "render down or catching up"), ("#fdba74", "render moving off a lost member")]
     legend += [(palette[i % len(palette)], "fault: " + k) for i, k in enumerate(kinds)]
     lx, ly = LEFT, yb + 20
     for c, label in legend:

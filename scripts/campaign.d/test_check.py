@@ -156,6 +156,28 @@ class CheckerTest(unittest.TestCase):
         h = H().act(20, "backend", "web-1", "down").kv(20.5, KEY).add(21.0, "haproxy", servers=[])
         self.assertEqual(h.kinds(), [])
 
+    def lost_member(self, explain, follows, cut, rendered_at):
+        """render's member `follows` per its status; `cut` cut off at 20; the
+        withdrawal at 20.5 reaches the proxy at `rendered_at`."""
+        h = H(explain=explain)
+        h.recs[0]["member_endpoints"] = {m: "http://10.0.0.%d:2379" % i for i, m in enumerate(["m1", "m2", "m3"], 1)}
+        h.add(1.5, "render_status", endpoint=h.recs[0]["member_endpoints"][follows], wait_max_s=0.0,
+              last_read_s=0.05, last_render_s=0.01, last_check_s=0.09, last_reload_s=0.05)
+        h.act(20, "member", cut, "link_down").act(24, "member", cut, "link_up")
+        h.act(20, "backend", "web-1", "down").kv(20.5, KEY).add(rendered_at, "haproxy", servers=[])
+        return h.kinds()
+
+    def test_render_on_a_lost_member_may_lag_by_the_bound_explain_gives(self):
+        lost = dict(EXPLAIN, watch_leaves_lost_member_s=11.0)
+        # moving off m1 within 11 s, then reading afresh: allowed
+        self.assertEqual(self.lost_member(lost, "m1", "m1", 29.0), [])
+        # later than that bound (20 + 11 + a fresh read 2.2 + slack 1, then the render bound): not
+        self.assertEqual(self.lost_member(lost, "m1", "m1", 40.0), ["rendered"])
+        # another member cut off: render's own watch is not behind
+        self.assertEqual(self.lost_member(lost, "m2", "m1", 29.0), ["rendered"])
+        # a sidekick whose explain does not give the bound gets no window
+        self.assertEqual(self.lost_member(EXPLAIN, "m1", "m1", 29.0), ["rendered"])
+
     def test_a_missing_shared_key_is_a_violation(self):
         self.assertIn("shared", H().kv(20, "/services/web/scheme").kinds())
         h = H().kv(20, "/services/web/scheme").kv(20.3, "/services/web/scheme", "http")
