@@ -613,8 +613,10 @@ def allowed(m, t, inst, cause, t_end=None):
         return "no instance was required to be serving"
     servers = m.haproxy.at(t) or frozenset()
     if inst is None and cause in ("server timeout", "timeout") or cause.startswith("status 50"):
-        # Without the proxy's log line: some server in the proxy had failed within its bound.
-        if any(s in m.health and m.deadline(s, t) is not None and t <= m.deadline(s, t) for s in servers):
+        # Without the proxy's log line: some server in the proxy had failed
+        # within its bound, by the time the request was answered.
+        if any(s in m.health and m.deadline(s, tt) is not None and t <= m.deadline(s, tt)
+               for s in servers for tt in (t, t_end or t)):
             return "a server in the proxy had failed, within its bound"
     if cause in ("no server", "connection refused", "server timeout", "timeout"):
         failing = [s for s in servers if s in m.health and m.deadline(s, t) is not None and t <= m.deadline(s, t)]

@@ -120,6 +120,15 @@ class CheckerTest(unittest.TestCase):
         self.assertEqual(r["violations"], [])
         self.assertEqual(r["failures"][0]["cause"], "server timeout")
 
+    def test_a_502_as_the_instance_dies_is_allowed_without_the_proxys_log(self):
+        # sent 0.2 ms before the kill, answered 502 after it; no log line joined
+        h = H().act(10, "backend", "web-1", "kill").kv(10.6, KEY).add(10.7, "haproxy", servers=[])
+        h.add(9.9998, "req", n=999, srv=None, status=502, err=None, dt=0.002)
+        r = h.run()
+        self.assertEqual(r["violations"], [])
+        h = H().add(9.9998, "req", n=999, srv=None, status=502, err=None, dt=0.002)
+        self.assertEqual(h.kinds(), ["failed_request"])
+
     def test_a_killed_sidekick_leaves_its_key_for_the_ttl(self):
         h = H().act(10, "sidekick", "web-1", "kill").act(10.5, "backend", "web-1", "down")
         h.add(13, "req", n=999, srv="web-1", status=503, err=None, dt=0.01)  # within TTL + leader change
