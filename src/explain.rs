@@ -626,17 +626,22 @@ mod tests {
         assert_eq!(events, ours);
     }
 
+    /// The paragraph of the Guarantees section holding `words`, on one line.
+    fn guarantees_paragraph(words: &str) -> String {
+        let section = README.split("\n## Guarantees\n").nth(1).unwrap();
+        let section = section.split("\n## ").next().unwrap();
+        section
+            .split("\n\n")
+            .map(|p| p.replace('\n', " "))
+            .find(|p| p.contains(words))
+            .unwrap_or_else(|| panic!("a paragraph of the Guarantees saying {words:?}"))
+    }
+
     /// The Guarantees section states the shared keys' bound in a sentence
     /// under the table, with explain's JSON field for it.
     #[test]
     fn readme_guarantees_state_the_shared_keys_bound_of_explain() {
-        let section = README.split("\n## Guarantees\n").nth(1).unwrap();
-        let section = section.split("\n## ").next().unwrap();
-        let sentence = section
-            .split("\n\n")
-            .map(|p| p.replace('\n', " "))
-            .find(|p| p.contains("outlive the last instance declaring them by at most"))
-            .expect("a paragraph on the shared keys' bound");
+        let sentence = guarantees_paragraph("outlive the last instance declaring them by at most");
         let bound = sentence
             .split("by at most ")
             .nth(1)
@@ -653,13 +658,7 @@ mod tests {
     /// timeout above the ping floor.
     #[test]
     fn readme_guarantees_state_the_lost_member_bound_of_explain() {
-        let section = README.split("\n## Guarantees\n").nth(1).unwrap();
-        let section = section.split("\n## ").next().unwrap();
-        let sentence = section
-            .split("\n\n")
-            .map(|p| p.replace('\n', " "))
-            .find(|p| p.contains("moves to another member within max(*D*, 10 s) + *D*"))
-            .expect("a paragraph on a watch leaving a lost member");
+        let sentence = guarantees_paragraph("moves to another member within max(*D*, 10 s) + *D*");
         assert!(sentence.contains("`watch_leaves_lost_member_s`"), "{sentence}");
         let mut e = defaults();
         assert_eq!(Explanation::new(e.clone()).watch_leaves_lost_member, ms(15_000));
