@@ -590,6 +590,13 @@ def registered_due(m, name, t):
     return due + SLACK
 
 
+def within_bound(m, name, t, at):
+    """Whether a request at t is within the bound of `name`'s failure, as
+    judged at `at` (the request's start or its answer)."""
+    d = m.deadline(name, at)
+    return d is not None and t <= d
+
+
 def allowed(m, t, inst, cause, t_end=None):
     """Why a request sent at t (answered at t_end) and failed is allowed by
     the Guarantees, or None."""
@@ -601,10 +608,8 @@ def allowed(m, t, inst, cause, t_end=None):
         return "render's member frozen or cut off, within watch_leaves_lost_member_s"
     if inst in m.health:
         # The instance may have failed while it handled the request.
-        for tt in (t, t_end or t):
-            d = m.deadline(inst, tt)
-            if d is not None and t <= d:
-                return "%s failed, within its withdraw + render bound" % inst
+        if any(within_bound(m, inst, t, tt) for tt in (t, t_end or t)):
+            return "%s failed, within its withdraw + render bound" % inst
     # No instance the Guarantees require in the proxy: all down or withdrawn.
     required = [n for n in m.instances if n.startswith("web-")
                 and registered_due(m, n, t - m.render - SLACK) is not None
@@ -615,11 +620,10 @@ def allowed(m, t, inst, cause, t_end=None):
     if inst is None and cause in ("server timeout", "timeout") or cause.startswith("status 50"):
         # Without the proxy's log line: some server in the proxy had failed
         # within its bound, by the time the request was answered.
-        if any(s in m.health and m.deadline(s, tt) is not None and t <= m.deadline(s, tt)
-               for s in servers for tt in (t, t_end or t)):
+        if any(s in m.health and within_bound(m, s, t, tt) for s in servers for tt in (t, t_end or t)):
             return "a server in the proxy had failed, within its bound"
     if cause in ("no server", "connection refused", "server timeout", "timeout"):
-        failing = [s for s in servers if s in m.health and m.deadline(s, t) is not None and t <= m.deadline(s, t)]
+        failing = [s for s in servers if s in m.health and within_bound(m, s, t, t)]
         if servers and len(failing) == len(servers):
             return "every server in the proxy had failed within its bound"
     return None
